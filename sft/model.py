@@ -1,0 +1,223 @@
+"""Model and tokenizer loading for training and inference: dtype, attention, 4-bit, device map, pad token.
+
+Everything that decides *how* weights are loaded lives here, so training, evaluation, prediction and merging
+load a base model the same way. The recipe keys are TRL's `ModelConfig` fields; the LoRA config comes straight
+from TRL's `get_peft_config`, the 4-bit config from `get_quantization_config` plus the two fixes it lacks (compute
+dtype "auto" and the storage dtype FSDP/ZeRO-3 need).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Qwen pads with <|endoftext|>. Padding with the eos <|im_end|> would mask the real end-of-turn out of the loss.
+QWEN_PAD_TOKEN = "<|endoftext|>"
+
+
+@dataclass
+class LoadingArguments:
+    """Loading options TRL's ModelConfig does not have."""
+
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file inside model_name_or_path, passed to from_pretrained(gguf_file=)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer path or id when it differs from model_name_or_path."}
+    )
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """'auto' (or None) -> bf16 on a GPU that supports it, fp32 otherwise (CPU fp16/bf16 training is slow or lossy)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def resolve_attn_implementation(requested: str | None) -> str:
+    """sdpa by default; flash_attention_2 only when the package is installed (else warn and fall back)."""
+    if requested in (None, "auto"):
+        return "sdpa"
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        logger.warning("attn_implementation=flash_attention_2 but flash-attn is not installed: using sdpa")
+        return "sdpa"
+    return requested
+
+
+def quantization_config(model_args, distributed_type: str = "NO"):
+    """TRL's BitsAndBytesConfig with a concrete compute dtype; the storage dtype must match the compute dtype
+    under FSDP / ZeRO-3 so the sharded flat parameters have one dtype."""
+    from trl import get_quantization_config
+
+    config = get_quantization_config(model_args)
+    if config is None or not config.load_in_4bit:
+        return config
+    compute = resolve_dtype(model_args.dtype)
+    config.bnb_4bit_compute_dtype = compute
+    if model_args.bnb_4bit_quant_storage is None and distributed_type in ("FSDP", "DEEPSPEED"):
+        config.bnb_4bit_quant_storage = compute
+    return config
+
+
+def device_map_for(quantized: bool, distributed_type: str, local_process_index: int, cuda: bool) -> dict | None:
+    """Only a quantized model needs a device map (bitsandbytes quantizes on load, onto one device per process).
+    FSDP and DeepSpeed place parameters themselves, and on CPU there is nothing to place."""
+    if not quantized or not cuda or distributed_type in ("FSDP", "DEEPSPEED"):
+        return None
+    return {"": local_process_index}
+
+
+def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False):
+    """Load a tokenizer and make sure pad != eos (Qwen: pad <|endoftext|>, eos <|im_end|>)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if QWEN_PAD_TOKEN in tokenizer.get_vocab() and tokenizer.eos_token != QWEN_PAD_TOKEN:
+            tokenizer.pad_token = QWEN_PAD_TOKEN
+        elif tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            raise ValueError(
+                f"{name_or_path}: the tokenizer has no pad token distinct from eos {tokenizer.eos_token!r}; "
+                "padding with eos would mask the end-of-turn token out of the loss"
+            )
+    return tokenizer
+
+
+def model_init_kwargs(
+    model_args,
+    loading_args: LoadingArguments | None = None,
+    trust_remote_code: bool = False,
+    distributed_type: str = "NO",
+    local_process_index: int = 0,
+) -> dict:
+    """Keyword arguments for `AutoModelForCausalLM.from_pretrained`, from the recipe's model keys."""
+    quant = quantization_config(model_args, distributed_type)
+    kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": trust_remote_code,
+        "attn_implementation": resolve_attn_implementation(model_args.attn_implementation),
+        "dtype": resolve_dtype(model_args.dtype),
+        "use_safetensors": True,
+        "device_map": device_map_for(
+            quant is not None, distributed_type, local_process_index, torch.cuda.is_available()
+        ),
+    }
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if loading_args is not None and loading_args.gguf_file:
+        kwargs["gguf_file"] = loading_args.gguf_file
+        kwargs.pop("use_safetensors")  # a GGUF file is its own weight format
+    return kwargs
+
+
+def load_model(name_or_path: str, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained` with a clear error for a missing local path."""
+    from transformers import AutoModelForCausalLM
+
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"{name_or_path}: model path does not exist")
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+# ----- inference: the output directory of a training run is all a user needs ------------------------------------
+RUN_INFO_FILE = "run_info.json"
+# Config fields that must agree between an adapter's base and the model it is applied to.
+BASE_SIGNATURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def base_signature(config) -> dict:
+    return {key: getattr(config, key, None) for key in BASE_SIGNATURE_KEYS}
+
+
+def read_run_info(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / RUN_INFO_FILE
+    if not Path(adapter_dir).is_dir():
+        raise FileNotFoundError(f"{adapter_dir}: adapter directory does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {adapter_dir} is not an output directory of sft/train.py")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_base_matches(adapter_dir: str | Path, run_info: dict, base: str, base_config) -> None:
+    """An adapter applied to another architecture or vocabulary fails deep inside PEFT or, worse, loads and is wrong."""
+    expected = run_info.get("base_signature") or {}
+    found = base_signature(base_config)
+    diffs = [f"{k}: adapter {expected[k]} vs base {found[k]}" for k in expected if expected[k] != found.get(k)]
+    if diffs:
+        raise ValueError(
+            f"{adapter_dir}: adapter was trained on {run_info.get('base_model')!r}, which does not match --base "
+            f"{base!r} ({'; '.join(diffs)})"
+        )
+    if base != run_info.get("base_model"):
+        logger.warning(
+            "applying %s (trained on %s) to %s: same architecture", adapter_dir, run_info["base_model"], base
+        )
+
+
+def load_for_inference(
+    adapter_dir: str | None,
+    base: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """Return (model, tokenizer, template) ready for scoring, in eval mode.
+
+    `adapter_dir` is a training output (LoRA adapter or full model) and supplies the base model, tokenizer and
+    prompt template; `adapter_dir=None` scores `base` zero-shot with the default template. A QLoRA adapter is
+    applied to the base loaded unquantised in `dtype`.
+    """
+    from transformers import AutoConfig
+
+    from sft.template import PromptTemplate
+
+    torch_dtype = resolve_dtype(dtype)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    common = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype}
+    if adapter_dir is None:
+        if base is None:
+            raise ValueError("zero-shot scoring (--adapter none) needs --base MODEL")
+        model = load_model(base, use_safetensors=True, **common)
+        tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
+        template = PromptTemplate()
+    else:
+        run_info = read_run_info(adapter_dir)
+        template = PromptTemplate.load(adapter_dir)
+        tokenizer = load_tokenizer(adapter_dir, trust_remote_code=trust_remote_code)
+        if (Path(adapter_dir) / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base = base or run_info["base_model"]
+            base_kwargs = dict(common)
+            if run_info.get("gguf_file"):
+                base_kwargs["gguf_file"] = run_info["gguf_file"]
+            else:
+                base_kwargs["use_safetensors"] = True
+            check_base_matches(
+                adapter_dir,
+                run_info,
+                base,
+                AutoConfig.from_pretrained(
+                    base, **{k: v for k, v in base_kwargs.items() if k in ("trust_remote_code", "gguf_file")}
+                ),
+            )
+            model = PeftModel.from_pretrained(load_model(base, **base_kwargs), adapter_dir)
+        else:  # full fine-tune: the directory is a complete model
+            model = load_model(str(adapter_dir), use_safetensors=True, **common)
+    return model.to(device).eval(), tokenizer, template
