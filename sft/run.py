@@ -1,0 +1,194 @@
+"""The run directory: resume decisions, the run snapshot, the final self-describing adapter and its checks.
+
+A training job on a shared cluster gets killed and requeued; these functions make that cost nothing. They are
+plain functions on paths and dicts so the tests hit them directly, and train.py stays a thin script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_FILE = "run_snapshot.json"
+FINAL_DIR = "final"
+
+
+class ResumeError(ValueError):
+    """The requested resume cannot happen; one line saying why and what to do."""
+
+
+# ----- resume ---------------------------------------------------------------------------------------------------
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N directories, oldest first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    return (path / "trainer_state.json").is_file()
+
+
+def decide_resume(output_dir: str | Path, requested: str | None, overwrite: bool) -> str | None:
+    """Map `resume_from_checkpoint` (auto | none | PATH) to a checkpoint path or None, before any model loads."""
+    out = Path(output_dir)
+    mode = (requested or "none").strip()
+    if mode.lower() == "auto":
+        complete = [p for p in checkpoints(out) if is_complete_checkpoint(p)]
+        if not complete:
+            logger.info("resume_from_checkpoint=auto: no checkpoint in %s, starting fresh", out)
+            return None
+        broken = [p.name for p in checkpoints(out) if not is_complete_checkpoint(p)]
+        if broken:
+            logger.warning("ignoring incomplete checkpoints (no trainer_state.json): %s", ", ".join(broken))
+        logger.info("resume_from_checkpoint=auto: resuming from %s", complete[-1])
+        return str(complete[-1])
+    if mode.lower() in ("none", "false", "no", ""):
+        leftovers = [p.name for p in out.iterdir()] if out.is_dir() else []
+        if leftovers and not overwrite:
+            raise ResumeError(
+                f"{out}: output_dir is not empty ({', '.join(sorted(leftovers)[:4])}...); pass "
+                "--resume_from_checkpoint auto to continue it or --overwrite_output_dir true to start over"
+            )
+        return None
+    path = Path(mode)
+    if not path.is_dir():
+        raise ResumeError(f"{path}: checkpoint to resume from does not exist")
+    if not is_complete_checkpoint(path):
+        raise ResumeError(f"{path}: not a complete checkpoint (no trainer_state.json); pick another or use auto")
+    return str(path)
+
+
+def clear_previous_run(output_dir: str | Path) -> None:
+    """--overwrite_output_dir: remove old checkpoints and final output so `auto` never picks up a stale run."""
+    out = Path(output_dir)
+    for path in [*checkpoints(out), out / FINAL_DIR, out / SNAPSHOT_FILE]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+# ----- snapshot: what a checkpoint was trained on -------------------------------------------------------------
+def fingerprint_examples(texts: list[str], labels: list[int]) -> str:
+    digest = hashlib.sha256()
+    for text, label in zip(texts, labels, strict=True):
+        digest.update(f"{label}\t{text}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def make_snapshot(model_args, loading_args, template: dict, train_texts: list[str], train_labels: list[int]) -> dict:
+    """Everything that must not change between a checkpoint and the run that resumes it."""
+    return {
+        "model_name_or_path": model_args.model_name_or_path,
+        "model_revision": model_args.model_revision,
+        "gguf_file": loading_args.gguf_file,
+        "use_peft": model_args.use_peft,
+        "load_in_4bit": model_args.load_in_4bit,
+        "template": template,
+        "train_rows": len(train_texts),
+        "train_fingerprint": fingerprint_examples(train_texts, train_labels),
+    }
+
+
+def check_snapshot(checkpoint: str | Path, current: dict) -> None:
+    """Resuming a checkpoint with another model, data or template silently trains something else: refuse."""
+    ckpt = Path(checkpoint)
+    path = ckpt / SNAPSHOT_FILE
+    if not path.is_file():
+        path = ckpt.parent / SNAPSHOT_FILE
+    if not path.is_file():
+        logger.warning("%s: no %s, cannot check that the recipe matches the checkpoint", ckpt, SNAPSHOT_FILE)
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    diffs = [key for key in current if saved.get(key) != current[key]]
+    if diffs:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs recipe {current[k]!r}" for k in diffs[:3])
+        raise ResumeError(f"{ckpt}: recipe differs from the checkpoint's run ({details})")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the complete new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----- final output ---------------------------------------------------------------------------------------------
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def check_adapter_weights(directory: str | Path) -> int:
+    """Reload the saved adapter: it must hold LoRA tensors and a non-zero lora_B (ZeRO-3 saves empty ones, trl#4416)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise RuntimeError(f"{path}: adapter weights were not written")
+    tensors = load_file(str(path))
+    lora_b = {k: v for k, v in tensors.items() if "lora_B" in k}
+    if not tensors or not lora_b or any(v.numel() == 0 for v in tensors.values()):
+        raise RuntimeError(f"{path}: saved adapter is empty ({len(tensors)} tensors); under ZeRO-3 enable "
+                           "zero3_save_16bit_model / stage3_gather_16bit_weights_on_model_save")
+    if all(float(v.abs().max()) == 0.0 for v in lora_b.values()):
+        raise RuntimeError(f"{path}: every lora_B weight is zero: the adapter is untrained or was saved empty")
+    return len(tensors)
+
+
+def plot_loss_curve(log_history: list[dict], path: str | Path) -> None:
+    """Training loss (and eval loss / dev accuracy when logged) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("loss", "-"), ("eval_loss", "o-")):
+        points = [(h["step"], h[key]) for h in log_history if key in h]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    accuracy = [(h["step"], h["eval_accuracy"]) for h in log_history if "eval_accuracy" in h]
+    if accuracy:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*accuracy, strict=True), "s--", color="tab:green", label="eval_accuracy")
+        ax2.set_ylabel("dev accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    ax.set_title("training curve")
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

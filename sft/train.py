@@ -1,0 +1,179 @@
+"""Fine-tune a Qwen chat model for text classification with TRL's SFTTrainer (LoRA, QLoRA or full).
+
+    python sft/train.py recipes/demo.yaml [--key value ...]
+    accelerate launch --config_file launch/single_gpu.yaml sft/train.py recipes/qlora.yaml
+
+Order matters for people on shared clusters: recipe, output directory, resume decision and data are checked
+before the (possibly 20-minute) model load, so a typo costs seconds. The final adapter goes to
+`<output_dir>/final` atomically and carries everything evaluation needs (template, base model, recipe).
+"""
+
+import os
+import sys
+
+if __name__ == "__main__":  # run as a script: keep sft/ off sys.path so data.py / model.py shadow nothing
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import logging  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+logger = logging.getLogger("sft.train")
+
+
+def build_datasets(recipe, template, tokenizer, rejects_path: Path):
+    """Load and validate the splits, then turn each row into a prompt-completion record (the template's job)."""
+    from sft.data import load_splits
+
+    wants_eval = recipe.training.eval_strategy != "no"
+    splits = load_splits(recipe.data, ("train", "validation") if wants_eval else ("train",), rejects_path=rejects_path)
+
+    def to_record(example):
+        return template.training_record(example["text"], example["label"], tokenizer)
+
+    columns = ["text", "label"]
+    train = splits["train"].map(to_record, remove_columns=columns, desc="prompt template (train)")
+    validation = splits["validation"] if wants_eval else None
+    eval_records = validation.map(to_record, remove_columns=columns, desc="prompt template (dev)") if wants_eval else None
+    return splits, train, validation, eval_records
+
+
+def prepare(recipe):
+    """Everything that can fail fast, before a model is loaded. Returns the pieces the trainer needs."""
+    from accelerate import PartialState
+
+    from sft import run
+    from sft.config import dump_resolved
+    from sft.model import load_tokenizer
+    from sft.template import PromptTemplate
+
+    args, state = recipe.training, PartialState()
+    out = Path(args.output_dir)
+    resume = run.decide_resume(out, args.resume_from_checkpoint, recipe.run.overwrite_output_dir)
+    if state.is_main_process:
+        if resume is None and recipe.run.overwrite_output_dir:
+            run.clear_previous_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(f"{out}: output_dir is not writable")
+    state.wait_for_everyone()
+
+    tokenizer = load_tokenizer(recipe.loading.tokenizer_name_or_path or recipe.model.model_name_or_path,
+                               recipe.model.model_revision, args.trust_remote_code)
+    template = PromptTemplate.from_args(recipe.template, args.max_length)
+    splits, train, validation, eval_records = build_datasets(recipe, template, tokenizer, out / "rejected_rows.jsonl")
+    snapshot = run.make_snapshot(recipe.model, recipe.loading, template.to_dict(),
+                                 splits["train"]["text"], splits["train"]["label"])
+    if resume is not None:
+        run.check_snapshot(resume, snapshot)
+    if state.is_main_process:
+        run.write_json(out / run.SNAPSHOT_FILE, snapshot)
+        (out / "recipe.yaml").write_text(dump_resolved(recipe), encoding="utf-8")
+    return tokenizer, template, splits, train, validation, eval_records, resume, snapshot
+
+
+def configure_training_args(args, template) -> None:
+    """Settle the library defaults that would be wrong here."""
+    import torch
+
+    if not torch.cuda.is_available() and (args.bf16 or args.fp16):
+        logger.warning("no GPU: training in fp32 (bf16/fp16 mixed precision is off on CPU)")
+        args.bf16 = args.fp16 = False
+    if args.padding_free:
+        # TRL refuses padding_free with max_length unless inputs are pre-truncated; the template already fits
+        # every example into template.max_length, so TRL's own truncation is not needed.
+        args.max_length = None
+    if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
+        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+
+def save_final(trainer, recipe, template, snapshot, extra_metrics: dict) -> Path:
+    """Write <output_dir>/final atomically (temp dir + rename) and check the adapter is not empty."""
+    from sft import run
+    from sft.model import base_signature
+
+    out = Path(recipe.training.output_dir)
+    final, tmp = out / run.FINAL_DIR, out / (run.FINAL_DIR + ".tmp")
+    if trainer.accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # every rank joins: ZeRO-3 gathers the sharded weights here
+    if trainer.accelerator.is_main_process:
+        peft = recipe.model.use_peft
+        if peft:
+            run.check_adapter_weights(tmp)
+        template.save(tmp)
+        (tmp / "recipe.yaml").write_text((out / "recipe.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+        base_config = trainer.model.get_base_model().config if peft else trainer.model.config
+        run.write_json(tmp / "run_info.json", {
+            "base_model": recipe.model.model_name_or_path,
+            "model_revision": recipe.model.model_revision,
+            "gguf_file": recipe.loading.gguf_file,
+            "base_signature": base_signature(base_config),
+            "kind": ("qlora" if recipe.model.load_in_4bit else "lora") if peft else "full",
+            "world_size": trainer.accelerator.num_processes,
+            "versions": run.library_versions(),
+            "git_commit": run.git_commit(),
+        })
+        run.write_json(tmp / run.SNAPSHOT_FILE, snapshot)
+        run.write_json(tmp / "train_results.json", extra_metrics)
+        run.plot_loss_curve(trainer.state.log_history, tmp / "loss_curve.png")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        logger.info("final %s written to %s", "adapter" if peft else "model", final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def train(recipe) -> Path:
+    from trl import get_peft_config
+
+    from sft.model import load_model, model_init_kwargs
+    from sft.trainer import ClassificationSFTTrainer, disable_bnb_cpu_repack
+
+    tokenizer, template, splits, train_ds, validation, eval_ds, resume, snapshot = prepare(recipe)
+    args = recipe.training
+    configure_training_args(args, template)
+
+    state = args.distributed_state
+    kwargs = model_init_kwargs(recipe.model, recipe.loading, args.trust_remote_code,
+                               str(state.distributed_type).split(".")[-1], state.local_process_index)
+    model = load_model(recipe.model.model_name_or_path, **kwargs)
+    disable_bnb_cpu_repack(model)
+    trainer = ClassificationSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(recipe.model),
+        template=template,
+        dev_split=validation if recipe.run.dev_metrics else None,
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    trainer.log_metrics("train", metrics)
+    return save_final(trainer, recipe, template, snapshot, metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sft.config import RecipeError, parse_recipe
+    from sft.data import DataError
+    from sft.run import ResumeError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = parse_recipe(argv)
+        train(recipe)
+    except (RecipeError, DataError, ResumeError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

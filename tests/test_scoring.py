@@ -1,0 +1,192 @@
+"""The batched label scorer must equal a brute-force reference: one plain forward per (text, full label sequence)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval.scoring import Scores, label_token_ids, score_texts
+from sft.template import PromptTemplate
+
+TEXTS = [
+    "这个酒店很好，服务周到，下次还来。",
+    "太差了，再也不来了。" * 12,  # long: truncated by max_length, so prompt lengths differ a lot
+    "一般般",
+    "屏幕有坏点，运行很卡，不推荐购买。",
+    "书的内容很精彩，纸张质量也不错！",
+    "物流太慢了，包装也破了。",
+    "入住两晚，房间很干净，早餐很丰盛。",
+    "还行吧，没有想象中那么好，也没有那么差，价格偏贵。",
+    "好",
+]
+MULTI = ("非常负面", "正面评价", "中性")  # every label is several tokens
+MIXED = ("负面", "正面评价", "非常负面")  # one single-token label, two sharing no prefix with it
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny matrices on 2 shared cores: a second OpenMP thread only spins (measured 5-10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_lora_adapter(base_dir: Path, out_dir: Path, seed: int = 0, template: PromptTemplate | None = None,
+                      lora_dropout: float = 0.0) -> Path:
+    """A training-output directory as sft/train.py writes it, with a LoRA that really changes the outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sft.model import RUN_INFO_FILE, base_signature, load_tokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=lora_dropout)
+    model = get_peft_model(base, config)
+    model.save_pretrained(out_dir)
+    load_tokenizer(str(base_dir)).save_pretrained(out_dir)
+    (template or PromptTemplate(max_length=128)).save(out_dir)
+    run_info = {"base_model": str(base_dir), "base_signature": base_signature(base.config), "gguf_file": None,
+                "kind": "lora"}
+    (Path(out_dir) / RUN_INFO_FILE).write_text(json.dumps(run_info), encoding="utf-8")
+    return Path(out_dir)
+
+
+def reference_logprobs(model, tokenizer, template, texts) -> np.ndarray:
+    """One forward per text and label over prompt + the label's tokens; no padding, no batching."""
+    out = np.zeros((len(texts), template.num_labels))
+    with torch.no_grad():
+        for i, text in enumerate(texts):
+            prompt = template.inference_ids(text, tokenizer)
+            for c, word in enumerate(template.verbalizers):
+                label = tokenizer.encode(word, add_special_tokens=False)
+                logits = model(input_ids=torch.tensor([prompt + label])).logits[0].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                out[i, c] = sum(logp[len(prompt) - 1 + j, tok].item() for j, tok in enumerate(label))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_model_dir):
+    """The tiny model with larger random weights, so label log-probs differ by whole nats between texts."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "embed" in name else 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model_dir, tmp_path_factory):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = make_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), lora_dropout=0.5)
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+
+
+def test_verbalizer_token_counts(qwen_tokenizer):
+    default = label_token_ids(PromptTemplate(), qwen_tokenizer)
+    assert [len(ids) for ids in default] == [1, 1]
+    assert all(len(ids) > 1 for ids in label_token_ids(PromptTemplate(verbalizers=MULTI), qwen_tokenizer))
+    assert [len(ids) > 1 for ids in label_token_ids(PromptTemplate(verbalizers=MIXED), qwen_tokenizer)] == [
+        False, True, True
+    ]
+
+
+@pytest.mark.parametrize("verbalizers", [("负面", "正面"), MULTI, MIXED], ids=["single", "multi", "mixed"])
+def test_batched_equals_reference(sharp_model, qwen_tokenizer, verbalizers):
+    template = PromptTemplate(verbalizers=verbalizers, max_length=96)
+    expected = reference_logprobs(sharp_model, qwen_tokenizer, template, TEXTS)
+    assert np.ptp(expected[:, 0]) > 1.0  # a discriminating model: errors in positions would show
+    for side in ("left", "right"):
+        for batch_size in (1, 7):
+            got = score_texts(sharp_model, qwen_tokenizer, template, TEXTS, batch_size=batch_size,
+                              padding_side=side, progress=False)
+            np.testing.assert_allclose(got.logprobs, expected, atol=1e-4, err_msg=f"{side} padding, bs {batch_size}")
+
+    order = list(range(len(TEXTS)))
+    random.Random(0).shuffle(order)
+    shuffled = score_texts(sharp_model, qwen_tokenizer, template, [TEXTS[i] for i in order], batch_size=4,
+                           progress=False)
+    np.testing.assert_allclose(shuffled.logprobs, expected[order], atol=1e-4)
+
+
+def test_scores_are_consistent(sharp_model, qwen_tokenizer):
+    scores = score_texts(sharp_model, qwen_tokenizer, PromptTemplate(), TEXTS, progress=False)
+    assert isinstance(scores, Scores) and len(scores) == len(TEXTS)
+    np.testing.assert_allclose(scores.probs.sum(axis=1), 1.0)
+    np.testing.assert_allclose(scores.label_mass, np.exp(scores.logprobs).sum(axis=1))
+    assert (scores.preds == scores.probs.argmax(axis=1)).all()
+    row = scores.row(0)
+    assert row["label"] == ("负面", "正面")[row["label_id"]] and set(row["probs"]) == {"负面", "正面"}
+    empty = score_texts(sharp_model, qwen_tokenizer, PromptTemplate(), [], progress=False)
+    assert empty.logprobs.shape == (0, 2)
+
+
+def test_lora_model_scores_through_the_adapter(lora_model, tiny_model_dir, qwen_tokenizer):
+    """Calling the inner backbone of a PeftModel must still run the injected LoRA layers."""
+    from transformers import AutoModelForCausalLM
+
+    for verbalizers in (("负面", "正面"), MULTI):
+        template = PromptTemplate(verbalizers=verbalizers, max_length=96)
+        expected = reference_logprobs(lora_model, qwen_tokenizer, template, TEXTS[:5])
+        got = score_texts(lora_model, qwen_tokenizer, template, TEXTS[:5], batch_size=3, progress=False)
+        np.testing.assert_allclose(got.logprobs, expected, atol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    without = score_texts(base, qwen_tokenizer, template, TEXTS[:5], progress=False)
+    assert np.abs(without.logprobs - got.logprobs).max() > 1e-3  # the adapter changed the scores
+
+
+def test_train_mode_is_restored_and_ignored(lora_model, qwen_tokenizer):
+    """A training callback passes a model in train mode (LoRA dropout 0.5 here): scoring runs in eval mode."""
+    template = PromptTemplate(max_length=96)
+    expected = score_texts(lora_model, qwen_tokenizer, template, TEXTS[:4], progress=False).logprobs
+    lora_model.train()
+    try:
+        got = score_texts(lora_model, qwen_tokenizer, template, TEXTS[:4], progress=False).logprobs
+        assert lora_model.training
+    finally:
+        lora_model.eval()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_token_budget_caps_batches(sharp_model, qwen_tokenizer, monkeypatch):
+    template = PromptTemplate(verbalizers=MULTI, max_length=96)
+    shapes = []
+    backbone = sharp_model.get_decoder()
+    original = backbone.forward
+
+    def spy(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backbone, "forward", spy)
+    budget = 600
+    got = score_texts(sharp_model, qwen_tokenizer, template, TEXTS, batch_size=32, max_tokens_per_batch=budget,
+                      progress=False)
+    monkeypatch.undo()
+    rows_per_text = 3  # three distinct label prefixes
+    assert sum(rows for rows, _ in shapes) == rows_per_text * len(TEXTS)
+    assert all(rows * width <= budget or rows == rows_per_text for rows, width in shapes)
+    assert len(shapes) > 1
+    expected = score_texts(sharp_model, qwen_tokenizer, template, TEXTS, batch_size=32, progress=False)
+    np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-4)
+
+
+def test_low_label_mass_warns(sharp_model, qwen_tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="eval.scoring"):
+        scores = score_texts(sharp_model, qwen_tokenizer, PromptTemplate(), TEXTS[:2], progress=False)
+    assert scores.label_mass.mean() < 0.5  # a random model does not answer with the labels
+    assert "template drift" in caplog.text
