@@ -36,6 +36,10 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow a fresh run (resume_from_checkpoint none) in a non-empty output_dir."}
     )
+    label_position_loss: bool = field(
+        default=True,
+        metadata={"help": "Run the LM head only at label positions (same loss as TRL's, far less compute on CPU)."},
+    )
     dev_metrics: bool = field(
         default=True,
         metadata={"help": "At each evaluation, score the validation split with the label scorer (eval_accuracy...)."},
@@ -203,15 +207,17 @@ def cli_overrides(args: list[str], parser) -> dict[str, Any]:
     return out
 
 
-def parse_recipe(argv: list[str] | None = None) -> Recipe:
-    """Recipe file + overrides -> dataclasses. Raises RecipeError with one line on any problem."""
+def parse_recipe(argv: list[str] | None = None, runtime: dict[str, Any] | None = None) -> Recipe:
+    """Recipe file + overrides -> dataclasses. Raises RecipeError with one line on any problem.
+
+    `runtime` holds values the launch environment forces (not the user's choice, so not saved in recipe.yaml)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path, rest = split_cli(argv)
     parser = make_parser()
     values = check_keys(load_yaml(path), parser, path) if path else {}
     overrides = check_keys(cli_overrides(rest, parser), parser, "command line")
     resolved = {**values, **overrides}
-    parser.set_defaults(**resolved)
+    parser.set_defaults(**{**resolved, **(runtime or {})})
     try:
         parsed = parser.parse_args_into_dataclasses(args=[], return_remaining_strings=False)
     except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejecting a combination of values

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,27 @@ class LoadingArguments:
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer path or id when it differs from model_name_or_path."}
     )
+
+
+def init_cpu_distributed() -> bool:
+    """Make a multi-process `accelerate launch` (DDP or DeepSpeed) run real gloo ranks on a CPU-only machine.
+
+    accelerate 1.15 picks the process-group backend from the GPU it finds; with none, `PartialState()` silently
+    falls back to one process per rank (each rank then trains alone and all of them write the output). Creating the
+    shared state first, on gloo, fixes that; TrainingArguments then reuses it (accelerator_config.
+    use_configured_state) and evaluation shards across it. Returns True when it did so; a no-op on GPU machines and
+    in single-process runs.
+    """
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if not launched or torch.cuda.is_available():
+        return False
+    from accelerate import PartialState
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        PartialState(backend="gloo")  # DeepSpeed's own init_distributed, on gloo
+    else:
+        PartialState(cpu=True)  # MULTI_CPU on gloo: DistributedDataParallel over CPU ranks
+    return True
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

@@ -35,7 +35,9 @@ def build_datasets(recipe, template, tokenizer, rejects_path: Path):
     columns = ["text", "label"]
     train = splits["train"].map(to_record, remove_columns=columns, desc="prompt template (train)")
     validation = splits["validation"] if wants_eval else None
-    eval_records = validation.map(to_record, remove_columns=columns, desc="prompt template (dev)") if wants_eval else None
+    eval_records = None
+    if wants_eval:
+        eval_records = validation.map(to_record, remove_columns=columns, desc="prompt template (dev)")
     return splits, train, validation, eval_records
 
 
@@ -151,6 +153,7 @@ def train(recipe) -> Path:
         peft_config=get_peft_config(recipe.model),
         template=template,
         dev_split=validation if recipe.run.dev_metrics else None,
+        label_position_loss=recipe.run.label_position_loss,
     )
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
@@ -163,11 +166,13 @@ def train(recipe) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from sft.config import RecipeError, parse_recipe
     from sft.data import DataError
+    from sft.model import init_cpu_distributed
     from sft.run import ResumeError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        recipe = parse_recipe(argv)
+        runtime = {"accelerator_config": {"use_configured_state": True}} if init_cpu_distributed() else None
+        recipe = parse_recipe(argv, runtime)
         train(recipe)
     except (RecipeError, DataError, ResumeError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)

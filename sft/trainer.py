@@ -1,23 +1,30 @@
-"""TRL's SFTTrainer plus what a classifier needs: label metrics on the dev split at every evaluation.
+"""TRL's SFTTrainer plus what a classifier needs: label metrics at every evaluation, LM head at label positions only.
 
 Token accuracy is not label accuracy (LLaMA-Factory users were shown 99% token accuracy for 90% real accuracy), so
 each evaluation also scores the validation texts with the same label scorer as eval/evaluate.py and reports
 `eval_accuracy`, `eval_f1`, `eval_auc` like any other metric: they are logged, written to the checkpoints'
 trainer_state.json, and usable as `metric_for_best_model`.
+
+The loss is TRL's (NLL on the completion tokens), but the LM head runs only where a label is predicted. TRL 1.16
+compacts to those positions only on Triton devices (`_fused_forward`); elsewhere every position goes through the
+head, and with Qwen's 151,936-row vocabulary that head dominates a small model and a short label.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from trl import SFTTrainer
 
 logger = logging.getLogger(__name__)
 
 
 class ClassificationSFTTrainer(SFTTrainer):
-    def __init__(self, *args, template=None, dev_split=None, dev_batch_size: int | None = None, **kwargs):
+    def __init__(self, *args, template=None, dev_split=None, dev_batch_size: int | None = None,
+                 label_position_loss: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.label_position_loss = label_position_loss
         self.template = template
         self.dev_split = dev_split  # datasets.Dataset with text/label, or None to skip label metrics
         self.dev_batch_size = dev_batch_size or self.args.per_device_eval_batch_size
@@ -51,6 +58,44 @@ class ClassificationSFTTrainer(SFTTrainer):
             for key, value in self.label_metrics().items():
                 output.metrics[f"{metric_key_prefix}_{key}"] = value
         return output
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        plain_nll = self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
+        if not (self.label_position_loss and plain_nll) or return_outputs or self.aux_loss_enabled:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"][:, 1:]  # the token predicted at position p is labels[p + 1]
+        positions = (labels != -100).any(dim=0).nonzero().flatten()
+        if positions.numel() == 0:
+            positions = positions.new_zeros(1)  # a batch without labels still yields a differentiable zero
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**model_inputs, use_cache=False, logits_to_keep=positions)
+        logits = outputs.logits.float()  # (batch, len(positions), vocab)
+        targets = labels[:, positions]
+        valid = targets != -100
+        log_probs = logits.log_softmax(-1)
+        token_log_probs = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        num_tokens = valid.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -(token_log_probs * valid).sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+
+        # The same metrics TRL logs, computed at the label positions.
+        with torch.no_grad():
+            gather = self.accelerator.gather_for_metrics
+            num_valid = gather(valid.sum()).sum()
+            correct = gather(((logits.argmax(-1) == targets) & valid).sum()).sum()
+            entropy = gather((-(log_probs.exp() * log_probs).sum(-1) * valid).sum()).sum()
+            self._metrics[mode]["mean_token_accuracy"].append((correct / num_valid).item() if num_valid > 0 else 0.0)
+            self._metrics[mode]["entropy"].append((entropy / num_valid).item() if num_valid > 0 else 0.0)
+            if mode == "train":
+                if "attention_mask" in inputs:
+                    local = inputs["attention_mask"].sum()
+                else:
+                    local = torch.tensor(inputs["position_ids"].size(1), device=labels.device)
+                self._total_train_tokens += gather(local).sum().item() // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss
 
 
 def disable_bnb_cpu_repack(model) -> int:
