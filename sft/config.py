@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+
+logger = logging.getLogger(__name__)
 
 # The seed project's flags, kept working: alias -> {recipe key: value or None (= take the alias's value)}.
 ALIASES: dict[str, dict[str, Any]] = {
@@ -217,7 +221,13 @@ def parse_recipe(argv: list[str] | None = None, runtime: dict[str, Any] | None =
     values = check_keys(load_yaml(path), parser, path) if path else {}
     overrides = check_keys(cli_overrides(rest, parser), parser, "command line")
     resolved = {**values, **overrides}
-    parser.set_defaults(**{**resolved, **(runtime or {})})
+    runtime = dict(runtime or {})
+    if not torch.cuda.is_available() and (resolved.get("bf16", True) or resolved.get("fp16")):
+        # TrainingArguments refuses bf16 without a GPU, and SFTConfig turns bf16 on by default: on a CPU the same
+        # recipe runs in fp32 (logged), so GPU recipes still parse, validate and run their early checks here.
+        logger.warning("no GPU: bf16/fp16 mixed precision off, training in fp32")
+        runtime.update(bf16=False, fp16=False)
+    parser.set_defaults(**{**resolved, **runtime})
     try:
         parsed = parser.parse_args_into_dataclasses(args=[], return_remaining_strings=False)
     except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejecting a combination of values

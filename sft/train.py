@@ -77,11 +77,6 @@ def prepare(recipe):
 
 def configure_training_args(args, template) -> None:
     """Settle the library defaults that would be wrong here."""
-    import torch
-
-    if not torch.cuda.is_available() and (args.bf16 or args.fp16):
-        logger.warning("no GPU: training in fp32 (bf16/fp16 mixed precision is off on CPU)")
-        args.bf16 = args.fp16 = False
     if args.padding_free:
         # TRL refuses padding_free with max_length unless inputs are pre-truncated; the template already fits
         # every example into template.max_length, so TRL's own truncation is not needed.
@@ -129,7 +124,8 @@ def save_final(trainer, recipe, template, snapshot, extra_metrics: dict) -> Path
     return final
 
 
-def train(recipe) -> Path:
+def train(recipe):
+    """Run one recipe end to end; returns (trainer, final output directory)."""
     from trl import get_peft_config
 
     from sft.model import load_model, model_init_kwargs
@@ -157,10 +153,12 @@ def train(recipe) -> Path:
     )
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
+    if eval_ds is not None:  # the final model's dev metrics, without re-running an evaluation just logged
+        last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+        fresh = last is not None and last["step"] == trainer.state.global_step and not args.load_best_model_at_end
+        metrics.update({k: v for k, v in last.items() if k.startswith("eval_")} if fresh else trainer.evaluate())
     trainer.log_metrics("train", metrics)
-    return save_final(trainer, recipe, template, snapshot, metrics)
+    return trainer, save_final(trainer, recipe, template, snapshot, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,228 @@
+"""End-to-end training on the tiny offline model: demo recipe, LoRA/QLoRA/full, label-only loss, resume,
+multi-process DDP and DeepSpeed ZeRO-2/3 on CPU (real gloo ranks), launch configs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft.config import parse_recipe
+from sft.run import check_adapter_weights
+from sft.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "tests" / "data" / "sample"
+FAST = ["--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",
+        "--max_eval_samples", "16", "--per_device_train_batch_size", "8"]
+
+
+def demo_argv(model_dir, out, *extra):
+    return ["recipes/demo.yaml", "--model_name_or_path", str(model_dir), "--output_dir", str(out),
+            "--data_dir", str(SAMPLE), *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_model_dir, tmp_path_factory):
+    """One in-process demo run shared by several tests (training is the slow part)."""
+    out = tmp_path_factory.mktemp("demo")
+    trainer, final = train(parse_recipe(demo_argv(tiny_model_dir, out)))
+    return trainer, final, out
+
+
+def test_demo_writes_a_self_describing_adapter(demo_run):
+    trainer, final, out = demo_run
+    assert final == out / "final"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "template.json",
+                 "recipe.yaml", "run_info.json", "train_results.json", "loss_curve.png", "run_snapshot.json"):
+        assert (final / name).is_file(), name
+    assert not (out / "final.tmp").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    info = json.loads((final / "run_info.json").read_text())
+    assert info["kind"] == "lora" and info["world_size"] == 1 and info["base_signature"]["vocab_size"] == 151936
+    assert check_adapter_weights(final) > 0
+    # Dev label metrics were computed at each evaluation, like any metric.
+    evals = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    assert all(0 <= h["eval_accuracy"] <= 1 and "eval_auc" in h and "eval_f1" in h for h in evals)
+
+
+def test_reloaded_adapter_gives_the_in_memory_logits(demo_run):
+    from sft.model import load_for_inference
+
+    trainer, final, _ = demo_run
+    model, tokenizer, template = load_for_inference(str(final), dtype="float32", device="cpu")
+    ids = torch.tensor([template.inference_ids("房间很干净，服务也好。", tokenizer)])
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+    base = load_for_inference(None, base=str(trainer.model.peft_config["default"].base_model_name_or_path),
+                              dtype="float32", device="cpu")[0]
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=ids).logits, got, atol=1e-4)  # the adapter does something
+
+
+def test_label_position_loss_equals_trl_loss(demo_run):
+    trainer, _, _ = demo_run
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    trainer.model.eval()  # no LoRA dropout: both losses see the same network
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch))
+        trainer.label_position_loss = False
+        try:
+            trl = trainer.compute_loss(trainer.model, dict(batch))
+        finally:
+            trainer.label_position_loss = True
+    assert ours.item() == pytest.approx(trl.item(), abs=1e-5)
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
+def test_only_the_intended_parameters_change(tiny_model_dir, tmp_path, mode):
+    extra = {"lora": [], "qlora": ["--use_qlora"], "full": ["--use_peft", "false", "--learning_rate", "1e-3"]}[mode]
+    recipe = parse_recipe(demo_argv(tiny_model_dir, tmp_path, *extra, "--max_steps", "3", "--eval_steps", "1"))
+    from sft.model import load_model, model_init_kwargs
+
+    before = _snapshot(load_model(str(tiny_model_dir), **model_init_kwargs(recipe.model)))
+    trainer, final = train(recipe)  # QLoRA evaluates at every step: train -> eval -> train must keep working
+    after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+             for n, p in trainer.model.named_parameters()}
+    changed = {n for n, p in after.items() if n in before and p.shape == before[n].shape
+               and not torch.equal(p.detach().float(), before[n].float())}
+    lora = {n for n, p in trainer.model.named_parameters() if "lora_" in n}
+    if mode == "full":
+        assert not lora and len(changed) >= len(before) // 2
+        assert (final / "model.safetensors").is_file()
+    else:
+        assert changed == set(), f"base weights changed: {sorted(changed)[:3]}"
+        assert lora and all(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)
+        trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+        assert trainable == lora
+        assert check_adapter_weights(final) > 0
+    if mode == "qlora":
+        import bitsandbytes as bnb
+
+        layers = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+        assert json.loads((final / "run_info.json").read_text())["kind"] == "qlora"
+
+
+def test_resume_auto_continues_from_the_newest_checkpoint(demo_run, tiny_model_dir, tmp_path):
+    """A run stopped after checkpoint-2 resumes there and ends with the uninterrupted run's adapter."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    _, reference_final, reference_out = demo_run
+    out = tmp_path / "run"
+    shutil.copytree(reference_out / "checkpoint-2", out / "checkpoint-2")
+    shutil.copy(reference_out / "run_snapshot.json", out / "run_snapshot.json")
+    trainer, final = train(parse_recipe(demo_argv(tiny_model_dir, out, "--resume_from_checkpoint", "auto")))
+    assert trainer.state.global_step == 4
+    steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
+    assert steps[0] == 1 and steps[-1] == 4  # history from the checkpoint, then steps 3 and 4
+    ours, reference = load_file(final / "adapter_model.safetensors"), load_file(
+        reference_final / "adapter_model.safetensors")
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        assert torch.allclose(ours[key], reference[key], atol=1e-6), key
+
+
+def run_cli(argv, env=None, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_resume_errors_are_clear(tiny_model_dir, tmp_path):
+    out = tmp_path / "busy"
+    (out / "checkpoint-7").mkdir(parents=True)
+    base = [sys.executable, "sft/train.py", *demo_argv(tiny_model_dir, out)]
+    refused = run_cli(base + ["--resume_from_checkpoint", "none"])
+    assert refused.returncode == 2 and "output_dir is not empty" in refused.stderr
+    missing = run_cli(base + ["--resume_from_checkpoint", str(tmp_path / "nope")])
+    assert missing.returncode == 2 and "nope: checkpoint to resume from does not exist" in missing.stderr
+    broken = run_cli(base + ["--resume_from_checkpoint", str(out / "checkpoint-7")])
+    assert broken.returncode == 2 and "not a complete checkpoint" in broken.stderr
+    for result in (refused, missing, broken):
+        assert "Traceback" not in result.stderr
+
+
+def test_resume_with_another_template_is_refused(demo_run, tiny_model_dir, tmp_path):
+    import shutil
+
+    _, _, reference_out = demo_run
+    out = tmp_path / "run"
+    shutil.copytree(reference_out / "checkpoint-2", out / "checkpoint-2")
+    shutil.copy(reference_out / "run_snapshot.json", out / "run_snapshot.json")
+    result = run_cli([sys.executable, "sft/train.py", *demo_argv(tiny_model_dir, out),
+                      "--resume_from_checkpoint", "auto", "--verbalizers", "差评", "好评"])
+    assert result.returncode == 2
+    assert "recipe differs from the checkpoint's run (template:" in result.stderr
+
+
+def test_demo_script_runs_from_the_command_line(tiny_model_dir, tmp_path):
+    result = run_cli([sys.executable, "sft/train.py", *demo_argv(tiny_model_dir, tmp_path / "cli")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "cli" / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def torch_extensions_dir(tmp_path_factory):
+    """DeepSpeed compiles a small op with g++/ninja on first use (~30 s): once per test session, in a temp dir."""
+    return tmp_path_factory.mktemp("torch_extensions")
+
+
+@pytest.mark.parametrize("launch", ["cpu_ddp", "zero2", "zero3"])
+def test_two_process_cpu_runs(tiny_model_dir, tmp_path, torch_extensions_dir, launch):
+    """Real 2-rank gloo runs: DDP and DeepSpeed ZeRO-2/3, one adapter written, world size 2 seen inside the run."""
+    out = tmp_path / launch
+    extra = [] if launch == "cpu_ddp" else ["--num_processes", "2"]
+    result = run_cli(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/{launch}.yaml", *extra,
+         "sft/train.py", *demo_argv(tiny_model_dir, out)],
+        env={"TORCH_EXTENSIONS_DIR": str(torch_extensions_dir), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads((out / "final" / "run_info.json").read_text())
+    assert info["world_size"] == 2
+    assert check_adapter_weights(out / "final") > 0  # the ZeRO-3 empty-adapter guard passes
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("final")) == ["final"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "launch").glob("*.yaml")), ids=lambda p: p.name)
+def test_launch_configs_load_with_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.num_machines == 1
+    if getattr(config, "deepspeed_config", None):
+        assert "deepspeed_config_file" not in config.deepspeed_config or config.mixed_precision in (None, "no")
+    if path.name == "zero3.yaml":
+        assert config.deepspeed_config["zero3_init_flag"] and config.deepspeed_config["zero3_save_16bit_model"]
+    if path.name == "fsdp_qlora.yaml":
+        assert str(config.distributed_type).endswith("FSDP")
+
+
+def test_fsdp_qlora_loading_paths():
+    from trl import ModelConfig
+
+    from sft.model import device_map_for, quantization_config
+
+    args = ModelConfig(model_name_or_path="m", load_in_4bit=True, dtype="bfloat16", use_bnb_nested_quant=True)
+    config = quantization_config(args, "FSDP")
+    assert config.bnb_4bit_quant_storage == torch.bfloat16 and config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert config.bnb_4bit_use_double_quant and config.bnb_4bit_quant_type == "nf4"
+    assert quantization_config(args, "NO").bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default
+    assert device_map_for(True, "FSDP", 3, cuda=True) is None
+    assert device_map_for(True, "DEEPSPEED", 3, cuda=True) is None
+    assert device_map_for(True, "MULTI_GPU", 3, cuda=True) == {"": 3}
+    assert device_map_for(True, "NO", 0, cuda=False) is None
+    assert device_map_for(False, "NO", 0, cuda=True) is None
