@@ -64,7 +64,8 @@ def test_prompt_identity_with_trl_tokenization(tiny_model_dir, qwen_tokenizer, t
 
     template = PromptTemplate(max_length=128)
     labels = [1, 0, 0, 1]
-    records = Dataset.from_list([template.training_record(r, y, qwen_tokenizer) for r, y in zip(REVIEWS, labels)])
+    pairs = zip(REVIEWS, labels, strict=True)
+    records = Dataset.from_list([template.training_record(r, y, qwen_tokenizer) for r, y in pairs])
     args = SFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True,
                      max_length=None if padding_free else 128, padding_free=padding_free,
                      per_device_train_batch_size=4)
@@ -73,7 +74,7 @@ def test_prompt_identity_with_trl_tokenization(tiny_model_dir, qwen_tokenizer, t
         processing_class=qwen_tokenizer,
     )
     end_of_turn = qwen_tokenizer.convert_tokens_to_ids(["<|im_end|>"]) + qwen_tokenizer.encode("\n")
-    for row, review, label in zip(trainer.train_dataset, REVIEWS, labels):
+    for row, review, label in zip(trainer.train_dataset, REVIEWS, labels, strict=True):
         prompt = template.inference_ids(review, qwen_tokenizer)
         label_ids = qwen_tokenizer.encode(template.verbalizers[label], add_special_tokens=False)
         assert row["input_ids"][: len(prompt)] == prompt
