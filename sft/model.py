@@ -102,11 +102,14 @@ def device_map_for(quantized: bool, distributed_type: str, local_process_index: 
     return {"": local_process_index}
 
 
-def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False,
+                   gguf_file: str | None = None):
     """Load a tokenizer and make sure pad != eos (Qwen: pad <|endoftext|>, eos <|im_end|>)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+                                              **extra)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if QWEN_PAD_TOKEN in tokenizer.get_vocab() and tokenizer.eos_token != QWEN_PAD_TOKEN:
             tokenizer.pad_token = QWEN_PAD_TOKEN

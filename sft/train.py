@@ -17,61 +17,77 @@ if __name__ == "__main__":  # run as a script: keep sft/ off sys.path so data.py
 
 import logging  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 logger = logging.getLogger("sft.train")
 
 
-def build_datasets(recipe, template, tokenizer, rejects_path: Path):
-    """Load and validate the splits, then turn each row into a prompt-completion record (the template's job)."""
-    from sft.data import load_splits
+class Preempted(Exception):
+    """Training stopped on a signal after saving a checkpoint; the exit code is 128 + the signal number."""
 
-    wants_eval = recipe.training.eval_strategy != "no"
-    splits = load_splits(recipe.data, ("train", "validation") if wants_eval else ("train",), rejects_path=rejects_path)
+    def __init__(self, signum: int, step: int, output_dir: str):
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint saved in "
+            f"{output_dir}/checkpoint-{step}. Resume with the same command plus --resume_from_checkpoint auto"
+        )
 
-    def to_record(example):
+
+def to_records(split, template, tokenizer, name: str):
+    """text/label rows -> TRL prompt-completion records, built by the template (the only prompt builder)."""
+
+    def record(example):
         return template.training_record(example["text"], example["label"], tokenizer)
 
-    columns = ["text", "label"]
-    train = splits["train"].map(to_record, remove_columns=columns, desc="prompt template (train)")
-    validation = splits["validation"] if wants_eval else None
-    eval_records = None
-    if wants_eval:
-        eval_records = validation.map(to_record, remove_columns=columns, desc="prompt template (dev)")
-    return splits, train, validation, eval_records
+    return split.map(record, remove_columns=["text", "label"], desc=f"prompt template ({name})")
+
+
+def writable_dir(path: Path) -> None:
+    """output_dir, or the nearest folder that exists above it, must be writable (checked before any work)."""
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise PermissionError(f"{path}: output_dir is not writable ({existing} is not a writable directory)")
 
 
 def prepare(recipe):
-    """Everything that can fail fast, before a model is loaded. Returns the pieces the trainer needs."""
+    """Everything that can fail fast, in order, before a model is loaded: output_dir, resume decision, data,
+    tokenizer and template, snapshot check. Only then is anything in output_dir changed."""
     from accelerate import PartialState
 
     from sft import run
     from sft.config import dump_resolved
+    from sft.data import load_splits
     from sft.model import load_tokenizer
     from sft.template import PromptTemplate
 
     args, state = recipe.training, PartialState()
     out = Path(args.output_dir)
+    writable_dir(out)
     resume = run.decide_resume(out, args.resume_from_checkpoint, recipe.run.overwrite_output_dir)
-    if state.is_main_process:
-        if resume is None and recipe.run.overwrite_output_dir:
-            run.clear_previous_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise PermissionError(f"{out}: output_dir is not writable")
-    state.wait_for_everyone()
+    wants_eval = args.eval_strategy != "no"
+    splits = load_splits(recipe.data, ("train", "validation") if wants_eval else ("train",),
+                         rejects_path=recipe.data.rejects_file or str(out / "rejected_rows.jsonl"))
 
-    tokenizer = load_tokenizer(recipe.loading.tokenizer_name_or_path or recipe.model.model_name_or_path,
-                               recipe.model.model_revision, args.trust_remote_code)
+    own_tokenizer = recipe.loading.tokenizer_name_or_path
+    tokenizer = load_tokenizer(own_tokenizer or recipe.model.model_name_or_path, recipe.model.model_revision,
+                               args.trust_remote_code, None if own_tokenizer else recipe.loading.gguf_file)
     template = PromptTemplate.from_args(recipe.template, args.max_length)
-    splits, train, validation, eval_records = build_datasets(recipe, template, tokenizer, out / "rejected_rows.jsonl")
+    train = to_records(splits["train"], template, tokenizer, "train")
+    validation = splits["validation"] if wants_eval else None
+    eval_records = to_records(validation, template, tokenizer, "dev") if wants_eval else None
     snapshot = run.make_snapshot(recipe.model, recipe.loading, template.to_dict(),
                                  splits["train"]["text"], splits["train"]["label"])
     if resume is not None:
         run.check_snapshot(resume, snapshot)
+
     if state.is_main_process:
+        if resume is None and recipe.run.overwrite_output_dir:
+            run.clear_previous_run(out)
+        out.mkdir(parents=True, exist_ok=True)
         run.write_json(out / run.SNAPSHOT_FILE, snapshot)
         (out / "recipe.yaml").write_text(dump_resolved(recipe), encoding="utf-8")
+    state.wait_for_everyone()
     return tokenizer, template, splits, train, validation, eval_records, resume, snapshot
 
 
@@ -129,7 +145,7 @@ def train(recipe):
     from trl import get_peft_config
 
     from sft.model import load_model, model_init_kwargs
-    from sft.trainer import ClassificationSFTTrainer, disable_bnb_cpu_repack
+    from sft.trainer import ClassificationSFTTrainer, PreemptionCallback, disable_bnb_cpu_repack
 
     tokenizer, template, splits, train_ds, validation, eval_ds, resume, snapshot = prepare(recipe)
     args = recipe.training
@@ -151,7 +167,14 @@ def train(recipe):
         dev_split=validation if recipe.run.dev_metrics else None,
         label_position_loss=recipe.run.label_position_loss,
     )
-    result = trainer.train(resume_from_checkpoint=resume)
+    preemption = PreemptionCallback()
+    trainer.add_callback(preemption)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        preemption.restore()
+    if preemption.received is not None:
+        raise Preempted(preemption.received, trainer.state.global_step, args.output_dir)
     metrics = dict(result.metrics)
     if eval_ds is not None:  # the final model's dev metrics, without re-running an evaluation just logged
         last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
@@ -175,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, ResumeError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -13,8 +13,10 @@ head, and with Qwen's 151,936-row vocabulary that head dominates a small model a
 from __future__ import annotations
 
 import logging
+import signal
 
 import torch
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -113,3 +115,45 @@ def disable_bnb_cpu_repack(model) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM (what SLURM and Kubernetes send before killing a job) or Ctrl-C: finish the current optimizer step,
+    save a checkpoint, stop. A second Ctrl-C interrupts at once. train.py then exits non-zero with a resume hint.
+
+    Ranks agree through an all-reduce of the flag, so a signal that reached one rank stops all of them at the same
+    step (a checkpoint save is collective under DeepSpeed and FSDP)."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("received %s: saving a checkpoint at the end of this step, then stopping",
+                       signal.Signals(signum).name)
+
+    def _any_rank_received(self, args) -> bool:
+        flag = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = args.device if torch.distributed.get_backend() == "nccl" else "cpu"
+            tensor = torch.tensor([int(flag)], device=device)
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(tensor.item())
+            if flag and self.received is None:
+                self.received = signal.SIGTERM
+        return flag
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._any_rank_received(args):
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
