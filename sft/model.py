@@ -123,6 +123,21 @@ def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code:
     return tokenizer
 
 
+def ensure_chat_template(tokenizer, name_or_path: str, chat_template_path: str | None = None) -> None:
+    """The prompt is a chat, so the tokenizer needs a chat template: take `chat_template_path` (a .jinja file, as
+    TRL's SFTConfig does) or fail with one line instead of deep inside apply_chat_template."""
+    from sft.template import TemplateError
+
+    if chat_template_path and chat_template_path.endswith((".jinja", ".j2")):
+        path = Path(chat_template_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{chat_template_path}: chat_template_path does not exist")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(f"{name_or_path}: the tokenizer has no chat template; set chat_template_path to a .jinja "
+                         "file (e.g. trl/chat_templates/qwen2_5.jinja)")
+
+
 def model_init_kwargs(
     model_args,
     loading_args: LoadingArguments | None = None,

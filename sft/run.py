@@ -126,6 +126,19 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 # ----- final output ---------------------------------------------------------------------------------------------
+def swap_in(tmp: Path, final: Path) -> None:
+    """Replace `final` with the complete `tmp` by renames only: a crash leaves the old output, the new one, or both
+    complete (final.old + final) — never a half-written `final`."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

@@ -21,6 +21,10 @@ DEFAULT_INSTRUCTION = "请判断下面这条评论的情感倾向，只回答以
 DEFAULT_VERBALIZERS = ["负面", "正面"]
 
 
+class TemplateError(ValueError):
+    """The template cannot be built with this tokenizer or these settings (one line)."""
+
+
 @dataclass
 class TemplateArguments:
     """Recipe keys for the prompt (parsed by TrlParser next to SFTConfig / ModelConfig)."""
@@ -49,9 +53,9 @@ class PromptTemplate:
         verbalizers = tuple(self.verbalizers)
         object.__setattr__(self, "verbalizers", verbalizers)
         if len(verbalizers) < 2:
-            raise ValueError(f"verbalizers: need at least 2 classes, got {list(verbalizers)}")
+            raise TemplateError(f"verbalizers: need at least 2 classes, got {list(verbalizers)}")
         if len(set(verbalizers)) != len(verbalizers) or any(not v.strip() for v in verbalizers):
-            raise ValueError(f"verbalizers must be distinct non-empty words, got {list(verbalizers)}")
+            raise TemplateError(f"verbalizers must be distinct non-empty words, got {list(verbalizers)}")
 
     @classmethod
     def from_args(cls, args: TemplateArguments, max_length: int | None) -> PromptTemplate:
@@ -103,7 +107,7 @@ class PromptTemplate:
             if excess <= 0:
                 return candidate
             keep -= excess  # a token merge at the cut can cost one more token: shrink by what is still over
-        raise ValueError(
+        raise TemplateError(
             f"max_length={self.max_length} leaves no room for the review: the template alone needs "
             f"{len(self.prompt_ids('', tokenizer)) + self.completion_budget(tokenizer)} tokens"
         )

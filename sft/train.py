@@ -18,6 +18,7 @@ if __name__ == "__main__":  # run as a script: keep sft/ off sys.path so data.py
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 logger = logging.getLogger("sft.train")
@@ -58,7 +59,7 @@ def prepare(recipe):
     from sft import run
     from sft.config import dump_resolved
     from sft.data import load_splits
-    from sft.model import load_tokenizer
+    from sft.model import ensure_chat_template, load_tokenizer
     from sft.template import PromptTemplate
 
     args, state = recipe.training, PartialState()
@@ -72,6 +73,7 @@ def prepare(recipe):
     own_tokenizer = recipe.loading.tokenizer_name_or_path
     tokenizer = load_tokenizer(own_tokenizer or recipe.model.model_name_or_path, recipe.model.model_revision,
                                args.trust_remote_code, None if own_tokenizer else recipe.loading.gguf_file)
+    ensure_chat_template(tokenizer, own_tokenizer or recipe.model.model_name_or_path, args.chat_template_path)
     template = PromptTemplate.from_args(recipe.template, args.max_length)
     train = to_records(splits["train"], template, tokenizer, "train")
     validation = splits["validation"] if wants_eval else None
@@ -132,9 +134,7 @@ def save_final(trainer, recipe, template, snapshot, extra_metrics: dict) -> Path
         run.write_json(tmp / run.SNAPSHOT_FILE, snapshot)
         run.write_json(tmp / "train_results.json", extra_metrics)
         run.plot_loss_curve(trainer.state.log_history, tmp / "loss_curve.png")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        run.swap_in(tmp, final)
         logger.info("final %s written to %s", "adapter" if peft else "model", final)
     trainer.accelerator.wait_for_everyone()
     return final
@@ -189,13 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     from sft.data import DataError
     from sft.model import init_cpu_distributed
     from sft.run import ResumeError
+    from sft.template import TemplateError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # transformers 5.24 renames gradient_checkpointing; TRL 1.16's SFTConfig still sets it, so every run warns.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     try:
         runtime = {"accelerator_config": {"use_configured_state": True}} if init_cpu_distributed() else None
         recipe = parse_recipe(argv, runtime)
         train(recipe)
-    except (RecipeError, DataError, ResumeError, FileNotFoundError, PermissionError) as e:
+    except (RecipeError, DataError, ResumeError, OSError, TemplateError) as e:  # OSError: paths and weights
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

@@ -93,3 +93,19 @@ def test_prompt_identity_with_trl_tokenization(tiny_model_dir, qwen_tokenizer, t
         expected += [(106557, 103276)[1 - label]] + end_of_turn
     assert kept == expected
     assert ("position_ids" in batch) == padding_free
+
+
+def test_missing_chat_template_is_one_clear_error(tiny_model_dir, tmp_path):
+    from sft.model import ensure_chat_template, load_tokenizer
+    from sft.template import TemplateError
+    from sft.tiny_model import qwen2_5_chat_template
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.chat_template = None
+    with pytest.raises(TemplateError, match="has no chat template; set chat_template_path"):
+        ensure_chat_template(tokenizer, "my-base-model")
+    jinja = tmp_path / "qwen2_5.jinja"
+    jinja.write_text(qwen2_5_chat_template(), encoding="utf-8")
+    ensure_chat_template(tokenizer, "my-base-model", str(jinja))
+    assert PromptTemplate().inference_ids("好", tokenizer)[-3:] == tokenizer.encode(
+        "<|im_start|>assistant\n", add_special_tokens=False)
