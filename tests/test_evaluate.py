@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-from test_scoring import make_lora_adapter
 
 from eval import metrics as M
 from eval.evaluate import main as evaluate_main
@@ -26,12 +24,7 @@ OUTPUTS = ("metrics.json", "predictions.jsonl", "report.md", "roc.png", "confusi
 N_TEST, N_LEAKED = 20, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on 2 shared cores: a second OpenMP thread only spins
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +40,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, data_dir, tmp_path_factory) -> Path:
-    adapter = make_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "run")
+def adapter_dir(tiny_model_dir, data_dir, tmp_path_factory, lora_adapter) -> Path:
+    adapter = lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "run")
     # the data location comes from the saved recipe unless flags say otherwise
     (adapter / "recipe.yaml").write_text(f"model_name_or_path: {tiny_model_dir}\ndata_dir: {data_dir}\n"
                                          "max_eval_samples: 3\n", encoding="utf-8")

@@ -7,26 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from test_scoring import make_lora_adapter
 
 from eval.merge import VERIFY_TEXTS
 from eval.merge import main as merge_main
 from eval.scoring import score_texts
 from sft.model import load_for_inference
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on 2 shared cores: a second OpenMP thread only spins
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    adapter = make_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "run", seed=3)
+def adapter_dir(tiny_model_dir, tmp_path_factory, lora_adapter) -> Path:
+    adapter = lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "run", seed=3)
     (adapter / "recipe.yaml").write_text(f"model_name_or_path: {tiny_model_dir}\n", encoding="utf-8")
     return adapter
 

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from test_scoring import make_lora_adapter
 
 from eval.predict import DEMO_TEXTS, SentimentPredictor, read_inputs
 from eval.predict import main as predict_main
@@ -23,17 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 REVIEWS = ["房间很干净，服务也很好", "太难吃了，不会再来", "物流很快"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on 2 shared cores: a second OpenMP thread only spins
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "run")
+def adapter_dir(tiny_model_dir, tmp_path_factory, lora_adapter) -> Path:
+    return lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "run")
 
 
 @pytest.fixture(scope="module")

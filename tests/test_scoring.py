@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,34 +27,7 @@ MULTI = ("非常负面", "正面评价", "中性")  # every label is several tok
 MIXED = ("负面", "正面评价", "非常负面")  # one single-token label, two sharing no prefix with it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices on 2 shared cores: a second OpenMP thread only spins (measured 5-10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_lora_adapter(base_dir: Path, out_dir: Path, seed: int = 0, template: PromptTemplate | None = None,
-                      lora_dropout: float = 0.0) -> Path:
-    """A training-output directory as sft/train.py writes it, with a LoRA that really changes the outputs."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from sft.model import RUN_INFO_FILE, base_signature, load_tokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=lora_dropout)
-    model = get_peft_model(base, config)
-    model.save_pretrained(out_dir)
-    load_tokenizer(str(base_dir)).save_pretrained(out_dir)
-    (template or PromptTemplate(max_length=128)).save(out_dir)
-    run_info = {"base_model": str(base_dir), "base_signature": base_signature(base.config), "gguf_file": None,
-                "kind": "lora"}
-    (Path(out_dir) / RUN_INFO_FILE).write_text(json.dumps(run_info), encoding="utf-8")
-    return Path(out_dir)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_logprobs(model, tokenizer, template, texts) -> np.ndarray:
@@ -88,11 +59,11 @@ def sharp_model(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def lora_model(tiny_model_dir, tmp_path_factory):
+def lora_model(tiny_model_dir, tmp_path_factory, lora_adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    adapter = make_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), lora_dropout=0.5)
+    adapter = lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), lora_dropout=0.5)
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
 
 
