@@ -226,3 +226,23 @@ def test_fsdp_qlora_loading_paths():
     assert device_map_for(True, "MULTI_GPU", 3, cuda=True) == {"": 3}
     assert device_map_for(True, "NO", 0, cuda=False) is None
     assert device_map_for(False, "NO", 0, cuda=True) is None
+
+
+def test_best_checkpoint_by_dev_accuracy_becomes_the_final_adapter(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    recipe = parse_recipe(demo_argv(tiny_model_dir, tmp_path, "--max_steps", "6", "--load_best_model_at_end",
+                                    "true", "--metric_for_best_model", "eval_accuracy", "--greater_is_better",
+                                    "true", "--save_total_limit", "5", "--learning_rate", "5e-3"))
+    trainer, final = train(recipe)
+    evals = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    assert [h["step"] for h in evals] == [2, 4, 6, 6]  # the last: the restored best model, evaluated for the record
+    evals = evals[:3]
+    best_step = max(evals, key=lambda h: (h["eval_accuracy"], -h["step"]))["step"]  # ties keep the earliest
+    assert trainer.state.best_metric == pytest.approx(max(h["eval_accuracy"] for h in evals))
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+    best = load_file(Path(trainer.state.best_model_checkpoint) / "adapter_model.safetensors")
+    ours = load_file(final / "adapter_model.safetensors")
+    assert ours.keys() == best.keys() and all(torch.equal(ours[k], best[k]) for k in ours)
+    results = json.loads((final / "train_results.json").read_text())
+    assert results["eval_accuracy"] == pytest.approx(trainer.state.best_metric)
