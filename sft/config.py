@@ -29,6 +29,11 @@ ALIASES: dict[str, dict[str, Any]] = {
 }
 
 
+# Project defaults where the libraries' would be wrong for hours-long jobs on shared clusters (a recipe or the
+# command line still overrides them): transformers saves every 500 steps and keeps every checkpoint.
+PROJECT_DEFAULTS: dict[str, Any] = {"save_steps": 100, "save_total_limit": 3}
+
+
 class RecipeError(ValueError):
     """A problem in the recipe or its overrides, reported as one line."""
 
@@ -227,7 +232,7 @@ def parse_recipe(argv: list[str] | None = None, runtime: dict[str, Any] | None =
         # recipe runs in fp32 (logged), so GPU recipes still parse, validate and run their early checks here.
         logger.warning("no GPU: bf16/fp16 mixed precision off, training in fp32")
         runtime.update(bf16=False, fp16=False)
-    parser.set_defaults(**{**resolved, **runtime})
+    parser.set_defaults(**{**PROJECT_DEFAULTS, **resolved, **runtime})
     try:
         parsed = parser.parse_args_into_dataclasses(args=[], return_remaining_strings=False)
     except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejecting a combination of values

@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 BROKEN, SAMPLE = REPO / "tests" / "data" / "broken", REPO / "tests" / "data" / "sample"
 LABELS = "(expected one of 0/1, 负面/正面, negative/positive, neg/pos)"
@@ -51,7 +53,7 @@ PLACES = {
     "tiny": ("tiny_model_dir", "<tiny>"),
     "narrow": ("narrow_base", "<tiny-hidden32>"),
     "bigvocab": ("bigvocab_base", "<tiny-vocab151700>"),
-    "adapter": ("lora_adapter", "<adapter>"),
+    "adapter": ("adapter_dir", "<adapter>"),
 }
 PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACES) + r")\}")
 
@@ -423,16 +425,6 @@ def matches(actual: str, expected: str) -> bool:
 # ----------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on 2 shared cores: a second OpenMP thread only spins
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def narrow_base(tmp_path_factory) -> Path:
     """A second tiny Qwen2, hidden size 32: an adapter trained on the 64-wide tiny model does not fit it."""
@@ -450,10 +442,9 @@ def bigvocab_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_adapter(tiny_model_dir, tmp_path_factory) -> Path:
-    from test_scoring import make_lora_adapter
-
-    return make_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "run")
+def adapter_dir(tiny_model_dir, tmp_path_factory, lora_adapter) -> Path:
+    """A LoRA adapter trained on the tiny model (hidden size 64, vocabulary 151936)."""
+    return lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -495,11 +486,12 @@ def run_in_process(case: Case, ctx: Context, capsys) -> tuple[int, str]:
 
     entry = {"sft.train.main": train_main, "eval.predict.main": predict_main, "eval.evaluate.main": evaluate_main}
     ctx.prepare()
+    argv = [ctx.fmt(a) for a in case.args]
     capsys.readouterr()
     cwd = os.getcwd()
     os.chdir(ctx.tmp / "cwd")
     try:
-        code = entry[case.via]([ctx.fmt(a) for a in case.args])
+        code = entry[case.via](argv)
     except (Exception, SystemExit) as e:  # SystemExit from argparse counts as a failure too
         pytest.fail(f"{case.via} raised {type(e).__name__} instead of printing one error line: {e}")
     finally:

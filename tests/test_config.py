@@ -94,3 +94,11 @@ def test_cli_prints_one_line_and_exits_2():
     assert result.stderr.strip().splitlines()[-1] == (
         "error: command line: unknown key 'learning_rat'; did you mean learning_rate?")
     assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_defaults_suit_long_jobs(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model_name_or_path: m\n", encoding="utf-8")
+    recipe = parse_recipe([str(path)])
+    assert (recipe.training.save_steps, recipe.training.save_total_limit) == (100, 3)
+    assert parse_recipe([str(path), "--save_steps", "7"]).training.save_steps == 7
