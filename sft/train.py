@@ -103,7 +103,7 @@ def configure_training_args(args, template) -> None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
 
-def save_final(trainer, recipe, template, snapshot, extra_metrics: dict) -> Path:
+def save_final(trainer, recipe, template, snapshot, extra_metrics: dict, data_report: dict | None) -> Path:
     """Write <output_dir>/final atomically (temp dir + rename) and check the adapter is not empty."""
     from sft import run
     from sft.model import base_signature
@@ -128,6 +128,7 @@ def save_final(trainer, recipe, template, snapshot, extra_metrics: dict) -> Path
             "base_signature": base_signature(base_config),
             "kind": ("qlora" if recipe.model.load_in_4bit else "lora") if peft else "full",
             "world_size": trainer.accelerator.num_processes,
+            "data": data_report,  # files read, rejected rows, rows dropped by the train filters
             "versions": run.library_versions(),
             "git_commit": run.git_commit(),
         })
@@ -181,7 +182,7 @@ def train(recipe):
         fresh = last is not None and last["step"] == trainer.state.global_step and not args.load_best_model_at_end
         metrics.update({k: v for k, v in last.items() if k.startswith("eval_")} if fresh else trainer.evaluate())
     trainer.log_metrics("train", metrics)
-    return trainer, save_final(trainer, recipe, template, snapshot, metrics)
+    return trainer, save_final(trainer, recipe, template, snapshot, metrics, getattr(splits, "load_report", None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runtime = {"accelerator_config": {"use_configured_state": True}} if init_cpu_distributed() else None
         recipe = parse_recipe(argv, runtime)
-        train(recipe)
+        trainer, _ = train(recipe)
+        trainer.end()  # finish trackers, destroy the process group
     except (RecipeError, DataError, ResumeError, OSError, TemplateError) as e:  # OSError: paths and weights
         print(f"error: {e}", file=sys.stderr)
         return 2

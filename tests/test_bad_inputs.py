@@ -98,6 +98,7 @@ def cmd(*extra: str) -> tuple[str, ...]:
 HEADER = "label\ttext_a\n"
 TSV3 = HEADER + "".join(f"{y}\t{t}\n" for y, t in (G1, G2, G3))
 RECIPE = "model_name_or_path: {tiny}\n"
+RECIPE_ARGS = ("{tmp}/recipe.yaml", "--output_dir", "{tmp}/out", "--data_dir", "{sample}")
 NOT_COMPLETE = "not a complete checkpoint (no trainer_state.json); pick another or use auto"
 SNAPSHOT_DIFF = ("{tmp}/old/checkpoint-2: recipe differs from the checkpoint's run (model_name_or_path: checkpoint "
                  "None vs recipe '{tiny}'; model_revision: checkpoint None vs recipe 'main'; use_peft: checkpoint None "
@@ -258,45 +259,45 @@ CASES: list[Case] = [
          error="data_dir '{broken}/no_test_split' has no test split (looked for test.*; found: dev.tsv, train.tsv)"),
     # ------------------------------------------------------------------------------------------------ recipes
     Case("recipe-unknown-key", "recipe", "misspelt key `learning_rat`", "python sft/train.py",
-         ("{tmp}/recipe.yaml", "--output_dir", "{tmp}/out"), files={"recipe.yaml": RECIPE + "learning_rat: 1.0e-4\n"},
+         RECIPE_ARGS, files={"recipe.yaml": RECIPE + "learning_rat: 1.0e-4\n"},
          error="{tmp}/recipe.yaml: unknown key 'learning_rat'; did you mean learning_rate?"),
     Case("recipe-wrong-type", "recipe", "`lora_r: sixteen`", "python sft/train.py",
-         ("{tmp}/recipe.yaml", "--output_dir", "{tmp}/out"), files={"recipe.yaml": RECIPE + "lora_r: sixteen\n"},
+         RECIPE_ARGS, files={"recipe.yaml": RECIPE + "lora_r: sixteen\n"},
          error="{tmp}/recipe.yaml: key 'lora_r': invalid value 'sixteen'"),
     Case("recipe-yaml-syntax", "recipe", "YAML syntax error on line 3", "python sft/train.py",
-         ("{tmp}/recipe.yaml", "--output_dir", "{tmp}/out"),
+         RECIPE_ARGS,
          files={"recipe.yaml": RECIPE + "learning_rate: 1.0e-4\n  lora_r: 8\n"},
          error="{tmp}/recipe.yaml:3:9: YAML syntax error: mapping values are not allowed here"),
     Case("recipe-missing-file", "recipe", "recipe path that does not exist", "python sft/train.py",
          ("{tmp}/nope.yaml", "--output_dir", "{tmp}/out"), error="{tmp}/nope.yaml: recipe file not found"),
     Case("recipe-list-value", "recipe", "`num_train_epochs: [1, 2]`", "sft.train.main",
-         ("{tmp}/recipe.yaml", "--output_dir", "{tmp}/out"),
+         RECIPE_ARGS,
          files={"recipe.yaml": RECIPE + "num_train_epochs: [1, 2]\n"},
          error="{tmp}/recipe.yaml: key 'num_train_epochs': expected a single value, got [1, 2]"),
     Case("recipe-bad-choice", "recipe", "`on_bad_rows: ignore`", "sft.train.main",
-         ("{tmp}/recipe.yaml", "--output_dir", "{tmp}/out"), files={"recipe.yaml": RECIPE + "on_bad_rows: ignore\n"},
+         RECIPE_ARGS, files={"recipe.yaml": RECIPE + "on_bad_rows: ignore\n"},
          error="{tmp}/recipe.yaml: key 'on_bad_rows': 'ignore' is not one of ['error', 'skip']"),
     Case("recipe-bool-type", "recipe", "`bf16: 3`", "sft.train.main",
-         ("{tmp}/recipe.yaml", "--output_dir", "{tmp}/out"), files={"recipe.yaml": RECIPE + "bf16: 3\n"},
+         RECIPE_ARGS, files={"recipe.yaml": RECIPE + "bf16: 3\n"},
          error="{tmp}/recipe.yaml: key 'bf16': expected true/false, got 3",
          bug="BUG: sft/config.py _coerce names the converter function in the message ('expected string_to_bool, "
              "got 3') instead of the accepted values"),
     Case("recipe-not-a-mapping", "recipe", "recipe that is a YAML list", "sft.train.main",
-         ("{tmp}/recipe.yaml", "--output_dir", "{tmp}/out"), files={"recipe.yaml": "- lora_r: 8\n- bf16: true\n"},
+         RECIPE_ARGS, files={"recipe.yaml": "- lora_r: 8\n- bf16: true\n"},
          error="{tmp}/recipe.yaml: a recipe must be a mapping of key: value, got list"),
     Case("recipe-duplicate-key", "recipe", "`learning_rate` twice (the first one silently ignored)", "sft.train.main",
-         ("{tmp}/recipe.yaml", "--output_dir", "{tmp}/out"),
+         RECIPE_ARGS,
          files={"recipe.yaml": RECIPE + "learning_rate: 1.0e-4\nlearning_rate: 1.0e-3\n"},
          error="{tmp}/recipe.yaml:3…duplicate key 'learning_rate'…",
          bug="BUG: sft/config.py load_yaml uses yaml.safe_load, which keeps the last of two equal keys silently"),
     Case("recipe-duplicate-verbalizers", "recipe", "`verbalizers: [好, 好]`", "sft.train.main",
-         ("{tmp}/recipe.yaml", "--output_dir", "{tmp}/out", "--data_dir", "{sample}"),
+         RECIPE_ARGS,
          files={"recipe.yaml": RECIPE + "verbalizers: [好, 好]\n"},
          error="{tmp}/recipe.yaml: …verbalizers must be distinct non-empty words, got ['好', '好']",
          bug="BUG: verbalizers are only checked by PromptTemplate in sft/train.py prepare(), after the data and "
-             "tokenizer load, and the ValueError escapes main() as a traceback"),
+             "the tokenizer load, and the message does not name the recipe file"),
     Case("cli-unknown-key", "recipe", "override `--lora_rank 8`", "sft.train.main", cmd("--lora_rank", "8"),
-         error="command line: unknown key 'lora_rank'; did you mean local_rank, lora_r?"),
+         error="command line: unknown key 'lora_rank'; did you mean …lora_r…?"),
     # ------------------------------------------------------------------------------------------------ models
     Case("model-missing-path", "model", "model_name_or_path that does not exist", "sft.train.main",
          ("{demo}", "--model_name_or_path", "{tmp}/no_such_model", "--output_dir", "{tmp}/out",
@@ -308,8 +309,9 @@ CASES: list[Case] = [
          "sft.train.main",
          ("{demo}", "--model_name_or_path", "{tmp}/half", "--output_dir", "{tmp}/out", "--data_dir", "{sample}"),
          setup="half_download", error="{tmp}/half: …",
-         bug="BUG: sft/model.py load_tokenizer lets transformers' multi-line ValueError (\"Couldn't instantiate the "
-             "backend tokenizer...\") escape sft/train.py main() as a traceback"),
+         bug="BUG: sft/model.py load_tokenizer on a directory without tokenizer files gets an empty 1-token "
+             "tokenizer from transformers and raises ValueError ('the tokenizer has no pad token distinct from "
+             "eos'), which escapes sft/train.py main() as a traceback"),
     Case("adapter-missing-predict", "model", "--lora_path that does not exist", "python eval/predict.py",
          ("--lora_path", "{tmp}/no_adapter", "--text", "房间很干净"),
          error="{tmp}/no_adapter: adapter directory does not exist"),

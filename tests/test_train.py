@@ -43,6 +43,8 @@ def test_demo_writes_a_self_describing_adapter(demo_run):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     info = json.loads((final / "run_info.json").read_text())
     assert info["kind"] == "lora" and info["world_size"] == 1 and info["base_signature"]["vocab_size"] == 151936
+    assert info["data"]["files"]["train"].endswith("train.tsv") and info["data"]["rejected_rows"] == 0
+    assert info["versions"]["trl"] and info["git_commit"]
     assert check_adapter_weights(final) > 0
     # Dev label metrics were computed at each evaluation, like any metric.
     evals = [h for h in trainer.state.log_history if "eval_accuracy" in h]
