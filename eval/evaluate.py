@@ -115,12 +115,6 @@ def score_split(state, model, tokenizer, template, texts, batch_size, max_tokens
 
 
 # ----- outputs ----------------------------------------------------------------------------------------------------
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec) if isinstance(value, float) else str(value)
 
@@ -170,6 +164,8 @@ def write_outputs(out: Path, metrics: dict, texts, gold, logprobs, verbalizers, 
             "pred": row["label_id"], "pred_label": row["label"], "probs": row["probs"],
             "label_mass": row["label_mass"], "in_train": None if in_train is None else bool(in_train[i]),
         }, ensure_ascii=False))
+    from sft.run import write_text_atomic as write_atomic
+
     write_atomic(out / "predictions.jsonl", "".join(line + "\n" for line in lines))
     write_atomic(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     write_atomic(out / "report.md", report_markdown(metrics, list(verbalizers)))

@@ -124,11 +124,10 @@ def read_inputs(path: str) -> tuple[list[tuple[int, str]], int]:
 
 
 def write_jsonl_atomic(path: str, records: list[dict]) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out)
+    from sft.run import write_text_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 # ----- command line -----------------------------------------------------------------------------------------------

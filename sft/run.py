@@ -117,12 +117,16 @@ def check_snapshot(checkpoint: str | Path, current: dict) -> None:
         raise ResumeError(f"{ckpt}: recipe differs from the checkpoint's run ({details})")
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the complete new one, never half of it."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write to path.tmp, then rename: a reader sees the old file or the complete new one, never half of it."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
 
 
 # ----- final output ---------------------------------------------------------------------------------------------
