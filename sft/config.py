@@ -85,13 +85,26 @@ def make_parser():
     return TrlParser(dataclass_types(), prog="sft/train.py")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error (safe_load silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str) -> dict[str, Any]:
-    """Parse a recipe as data only (yaml.safe_load: no tags, no code)."""
+    """Parse a recipe as data only (a SafeLoader: no tags, no code)."""
     file = Path(path)
     if not file.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
@@ -150,7 +163,8 @@ def _coerce(key: str, value: Any, action: argparse.Action, where: str) -> Any:
         ok = (isinstance(value, bool) if is_bool_field else
               isinstance(value, expected) and not isinstance(value, bool) if expected else True)
         if not ok:
-            raise RecipeError(f"{where}: key '{key}': expected {getattr(convert, '__name__', convert)}, got {value!r}")
+            wanted = "true/false" if is_bool_field else getattr(convert, "__name__", str(convert))
+            raise RecipeError(f"{where}: key '{key}': expected {wanted}, got {value!r}")
         if convert is float:
             value = float(value)
     elif convert is str and not isinstance(value, str):

@@ -151,7 +151,10 @@ def _read_delimited(path: Path, text: str) -> Iterator[_Row]:
     """TSV (ERNIE layout, no quoting: reviews contain quotes) or CSV (normal quoting). Header is line 1."""
     tsv = path.suffix.lower() == ".tsv"
     quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",", quoting=quoting)
+    # strict: an unclosed quote is an error, not a field that silently swallows the rest of the file
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",", quoting=quoting,
+                        strict=not tsv)
+    end = 0
     try:
         header = next(reader, [])
         text_col, label_col, missing = _locate(header)
@@ -172,7 +175,7 @@ def _read_delimited(path: Path, text: str) -> Iterator[_Row]:
                 continue
             yield _Row(line, raw, fields[ti], fields[li], text_col, label_col)
     except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from e
+        raise DataError(f"{path}:{end + 1}: malformed CSV ({e})") from e
 
 
 def _json_row(line: int, raw: str, obj: Any) -> _Row:
@@ -374,11 +377,20 @@ def apply_train_filters(dsd: datasets.DatasetDict, drop_duplicates: bool,
     return out, report
 
 
-def load_splits(args: DataArguments, splits: Sequence[str] = SPLITS,
-                rejects_path: str | None = None) -> datasets.DatasetDict:
+def write_rejects_file(path: str | Path, rejects: list[dict]) -> None:
+    """Skipped rows, one JSON object per line (file, line, reason, raw)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
+    logger.warning("skipped %d bad rows; see %s", len(rejects), out)
+
+
+def load_splits(args: DataArguments, splits: Sequence[str] = SPLITS, rejects_path: str | None = None,
+                write_rejects: bool = True) -> datasets.DatasetDict:
     """Load, validate and filter the requested splits into a DatasetDict(text: str, label: int64).
 
-    The load report (files, rejected rows, filter counts) is attached as `dsd.load_report`.
+    The load report (files, rejected rows, filter counts) is attached as `dsd.load_report`. With
+    `write_rejects=False` the skipped rows stay in the report (`rejects`) for the caller to write later.
     """
     if unknown := [s for s in splits if s not in SPLITS]:
         raise DataError(f"unknown split(s) {unknown}; choose from {', '.join(SPLITS)}")
@@ -404,10 +416,11 @@ def load_splits(args: DataArguments, splits: Sequence[str] = SPLITS,
     report: dict[str, Any] = {"files": {s: str(p) for s, p in files.items() if s in rows}, "rejected_rows": 0}
     if rejects:
         out = Path(rejects_path or args.rejects_file or "rejected_rows.jsonl")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
-        logger.warning("skipped %d bad rows; see %s", len(rejects), out)
         report.update(rejected_rows=len(rejects), rejects_file=str(out))
+        if write_rejects:
+            write_rejects_file(out, rejects)
+        else:  # the caller writes them once its own checks have passed
+            report["rejects"] = rejects
 
     dsd = datasets.DatasetDict({s: datasets.Dataset.from_list(r, features=FEATURES) for s, r in rows.items()})
     dsd, report["filters"] = apply_train_filters(dsd, args.drop_duplicates, args.drop_eval_overlap)

@@ -23,6 +23,20 @@ logger = logging.getLogger(__name__)
 QWEN_PAD_TOKEN = "<|endoftext|>"
 
 
+class ModelLoadError(ValueError):
+    """A model, tokenizer or adapter that cannot be used as asked; one line naming the path."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_local_path(name_or_path: str, what: str = "model") -> None:
+    """A path that looks local but is missing would otherwise be sent to the hub as a repo id."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"{name_or_path}: {what} path does not exist")
+
+
 @dataclass
 class LoadingArguments:
     """Loading options TRL's ModelConfig does not have."""
@@ -107,6 +121,11 @@ def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code:
     """Load a tokenizer and make sure pad != eos (Qwen: pad <|endoftext|>, eos <|im_end|>)."""
     from transformers import AutoTokenizer
 
+    check_local_path(name_or_path)
+    local = Path(name_or_path).expanduser()
+    if local.is_dir() and not gguf_file and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{name_or_path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                                "incomplete download?")
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
                                               **extra)
@@ -116,7 +135,7 @@ def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code:
         elif tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
             tokenizer.pad_token = tokenizer.unk_token
         else:
-            raise ValueError(
+            raise ModelLoadError(
                 f"{name_or_path}: the tokenizer has no pad token distinct from eos {tokenizer.eos_token!r}; "
                 "padding with eos would mask the end-of-turn token out of the loss"
             )
@@ -169,9 +188,7 @@ def load_model(name_or_path: str, **kwargs):
     """`AutoModelForCausalLM.from_pretrained` with a clear error for a missing local path."""
     from transformers import AutoModelForCausalLM
 
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
-    if looks_local and not Path(name_or_path).expanduser().exists():
-        raise FileNotFoundError(f"{name_or_path}: model path does not exist")
+    check_local_path(name_or_path)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
 
 
@@ -200,7 +217,7 @@ def check_base_matches(adapter_dir: str | Path, run_info: dict, base: str, base_
     found = base_signature(base_config)
     diffs = [f"{k}: adapter {expected[k]} vs base {found[k]}" for k in expected if expected[k] != found.get(k)]
     if diffs:
-        raise ValueError(
+        raise ModelLoadError(
             f"{adapter_dir}: adapter was trained on {run_info.get('base_model')!r}, which does not match --base "
             f"{base!r} ({'; '.join(diffs)})"
         )
@@ -257,7 +274,13 @@ def load_for_inference(
                     base, **{k: v for k, v in base_kwargs.items() if k in ("trust_remote_code", "gguf_file")}
                 ),
             )
-            model = PeftModel.from_pretrained(load_model(base, **base_kwargs), adapter_dir)
+            try:
+                model = PeftModel.from_pretrained(load_model(base, **base_kwargs), adapter_dir)
+            except RuntimeError as e:  # weights of another shape: PEFT's multi-line size-mismatch report
+                if "size mismatch" not in str(e):
+                    raise
+                detail = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)
+                raise ModelLoadError(f"{adapter_dir}: adapter does not fit base {base!r} ({detail})") from None
         else:  # full fine-tune: the directory is a complete model
             model = load_model(str(adapter_dir), use_safetensors=True, **common)
     return model.to(device).eval(), tokenizer, template

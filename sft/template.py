@@ -39,6 +39,18 @@ class TemplateArguments:
         metadata={"help": "Answer word of each class, in class order (class i -> verbalizers[i])."},
     )
 
+    def __post_init__(self) -> None:
+        check_verbalizers(self.verbalizers)  # at recipe parsing, before any data or model is loaded
+
+
+def check_verbalizers(verbalizers) -> tuple[str, ...]:
+    verbalizers = tuple(verbalizers)
+    if len(verbalizers) < 2:
+        raise TemplateError(f"verbalizers: need at least 2 classes, got {list(verbalizers)}")
+    if len(set(verbalizers)) != len(verbalizers) or any(not v.strip() for v in verbalizers):
+        raise TemplateError(f"verbalizers must be distinct non-empty words, got {list(verbalizers)}")
+    return verbalizers
+
 
 @dataclass(frozen=True)
 class PromptTemplate:
@@ -50,12 +62,7 @@ class PromptTemplate:
     max_length: int | None = None
 
     def __post_init__(self) -> None:
-        verbalizers = tuple(self.verbalizers)
-        object.__setattr__(self, "verbalizers", verbalizers)
-        if len(verbalizers) < 2:
-            raise TemplateError(f"verbalizers: need at least 2 classes, got {list(verbalizers)}")
-        if len(set(verbalizers)) != len(verbalizers) or any(not v.strip() for v in verbalizers):
-            raise TemplateError(f"verbalizers must be distinct non-empty words, got {list(verbalizers)}")
+        object.__setattr__(self, "verbalizers", check_verbalizers(self.verbalizers))
 
     @classmethod
     def from_args(cls, args: TemplateArguments, max_length: int | None) -> PromptTemplate:

@@ -58,7 +58,7 @@ def prepare(recipe):
 
     from sft import run
     from sft.config import dump_resolved
-    from sft.data import load_splits
+    from sft.data import load_splits, write_rejects_file
     from sft.model import ensure_chat_template, load_tokenizer
     from sft.template import PromptTemplate
 
@@ -68,7 +68,8 @@ def prepare(recipe):
     resume = run.decide_resume(out, args.resume_from_checkpoint, recipe.run.overwrite_output_dir)
     wants_eval = args.eval_strategy != "no"
     splits = load_splits(recipe.data, ("train", "validation") if wants_eval else ("train",),
-                         rejects_path=recipe.data.rejects_file or str(out / "rejected_rows.jsonl"))
+                         rejects_path=recipe.data.rejects_file or str(out / "rejected_rows.jsonl"),
+                         write_rejects=False)
 
     own_tokenizer = recipe.loading.tokenizer_name_or_path
     tokenizer = load_tokenizer(own_tokenizer or recipe.model.model_name_or_path, recipe.model.model_revision,
@@ -87,6 +88,8 @@ def prepare(recipe):
         if resume is None and recipe.run.overwrite_output_dir:
             run.clear_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
+        if splits.load_report.get("rejects"):
+            write_rejects_file(splits.load_report["rejects_file"], splits.load_report.pop("rejects"))
         run.write_json(out / run.SNAPSHOT_FILE, snapshot)
         (out / "recipe.yaml").write_text(dump_resolved(recipe), encoding="utf-8")
     state.wait_for_everyone()
@@ -188,7 +191,7 @@ def train(recipe):
 def main(argv: list[str] | None = None) -> int:
     from sft.config import RecipeError, parse_recipe
     from sft.data import DataError
-    from sft.model import init_cpu_distributed
+    from sft.model import ModelLoadError, init_cpu_distributed
     from sft.run import ResumeError
     from sft.template import TemplateError
 
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = parse_recipe(argv, runtime)
         trainer, _ = train(recipe)
         trainer.end()  # finish trackers, destroy the process group
-    except (RecipeError, DataError, ResumeError, OSError, TemplateError) as e:  # OSError: paths and weights
+    except (RecipeError, DataError, ResumeError, OSError, TemplateError, ModelLoadError) as e:  # OSError: paths
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
