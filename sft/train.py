@@ -96,7 +96,7 @@ def prepare(recipe):
     return tokenizer, template, splits, train, validation, eval_records, resume, snapshot
 
 
-def configure_training_args(args, template) -> None:
+def configure_training_args(args) -> None:
     """Settle the library defaults that would be wrong here."""
     if args.padding_free:
         # TRL refuses padding_free with max_length unless inputs are pre-truncated; the template already fits
@@ -121,6 +121,7 @@ def save_final(trainer, recipe, template, snapshot, extra_metrics: dict, data_re
         peft = recipe.model.use_peft
         if peft:
             run.check_adapter_weights(tmp)
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe below says the same, as data
         template.save(tmp)
         (tmp / "recipe.yaml").write_text((out / "recipe.yaml").read_text(encoding="utf-8"), encoding="utf-8")
         base_config = trainer.model.get_base_model().config if peft else trainer.model.config
@@ -153,7 +154,7 @@ def train(recipe):
 
     tokenizer, template, splits, train_ds, validation, eval_ds, resume, snapshot = prepare(recipe)
     args = recipe.training
-    configure_training_args(args, template)
+    configure_training_args(args)
 
     state = args.distributed_state
     kwargs = model_init_kwargs(recipe.model, recipe.loading, args.trust_remote_code,

@@ -40,6 +40,7 @@ def test_demo_writes_a_self_describing_adapter(demo_run):
                  "recipe.yaml", "run_info.json", "train_results.json", "loss_curve.png", "run_snapshot.json"):
         assert (final / name).is_file(), name
     assert not (out / "final.tmp").exists()
+    assert not list(final.glob("*.bin")) and not list(final.glob("*.pt*"))  # no pickles in the final output
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     info = json.loads((final / "run_info.json").read_text())
     assert info["kind"] == "lora" and info["world_size"] == 1 and info["base_signature"]["vocab_size"] == 151936
