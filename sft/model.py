@@ -37,6 +37,19 @@ def check_local_path(name_or_path: str, what: str = "model") -> None:
         raise FileNotFoundError(f"{name_or_path}: {what} path does not exist")
 
 
+def from_pretrained(loader, name_or_path: str, **kwargs):
+    """`loader.from_pretrained` whose hub/offline failure for a name that is not a local path says so in one line
+    (a relative path like outputs/my-model is also a valid-looking hub id)."""
+    try:
+        return loader.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:
+        if Path(name_or_path).expanduser().exists():
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"{name_or_path}: no such local directory, and the hub could not provide it "
+                                f"({first})") from None
+
+
 @dataclass
 class LoadingArguments:
     """Loading options TRL's ModelConfig does not have."""
@@ -127,8 +140,8 @@ def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code:
         raise FileNotFoundError(f"{name_or_path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
                                 "incomplete download?")
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
-                                              **extra)
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+                                **extra)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if QWEN_PAD_TOKEN in tokenizer.get_vocab() and tokenizer.eos_token != QWEN_PAD_TOKEN:
             tokenizer.pad_token = QWEN_PAD_TOKEN
@@ -189,7 +202,7 @@ def load_model(name_or_path: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
     check_local_path(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return from_pretrained(AutoModelForCausalLM, name_or_path, **kwargs)
 
 
 # ----- inference: the output directory of a training run is all a user needs ------------------------------------

