@@ -160,8 +160,10 @@ def _coerce(key: str, value: Any, action: argparse.Action, where: str) -> Any:
     elif convert is not None and convert is not str:
         expected = {float: (int, float), int: (int,)}.get(convert)
         is_bool_field = getattr(convert, "__name__", "") == "string_to_bool"
-        ok = (isinstance(value, bool) if is_bool_field else
-              isinstance(value, expected) and not isinstance(value, bool) if expected else True)
+        if is_bool_field:
+            ok = isinstance(value, bool)
+        else:  # YAML's true/false must not pass as 1/0
+            ok = expected is None or (isinstance(value, expected) and not isinstance(value, bool))
         if not ok:
             wanted = "true/false" if is_bool_field else getattr(convert, "__name__", str(convert))
             raise RecipeError(f"{where}: key '{key}': expected {wanted}, got {value!r}")
