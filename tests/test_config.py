@@ -17,10 +17,13 @@ def test_shipped_recipes_parse(path):
     recipe = parse_recipe([str(path)])
     assert recipe.model.model_name_or_path
     assert recipe.training.output_dir.startswith("outputs/")
-    assert recipe.template.verbalizers == ["负面", "正面"]
+    if "qwen" in recipe.model.model_name_or_path.lower():
+        assert recipe.template.verbalizers == ["负面", "正面"]
+    assert len(recipe.template.verbalizers) == 2
     # TRL's defaults that would be wrong for this job are stated explicitly in every recipe.
-    for key in ("learning_rate", "max_length", "bf16", "gradient_checkpointing", "num_train_epochs", "save_steps"):
+    for key in ("learning_rate", "max_length", "bf16", "gradient_checkpointing", "num_train_epochs"):
         assert key in recipe.resolved, f"{path.name} does not state {key}"
+    assert "save_steps" in recipe.resolved or recipe.resolved.get("save_strategy") == "no", path.name
 
 
 def test_recipe_values_reach_the_dataclasses():
