@@ -152,9 +152,8 @@ def pipeline_trainer(recipe, tokenizer, template, train_ds, padding_free: bool |
     """The pipeline's ClassificationSFTTrainer for `recipe` (a fresh model unless given), as sft/train.py builds it,
     with padding_free / sampling strategy / label-position loss overridden when given."""
     import torch
-    from trl import get_peft_config
 
-    from sft.model import load_model, model_init_kwargs
+    from sft.model import load_model, lora_config, model_init_kwargs
     from sft.train import configure_training_args
     from sft.trainer import ClassificationSFTTrainer, disable_bnb_cpu_repack
 
@@ -165,12 +164,7 @@ def pipeline_trainer(recipe, tokenizer, template, train_ds, padding_free: bool |
         args.train_sampling_strategy = strategy
     if not args.padding_free:
         args.max_length = template.max_length  # configure_training_args drops it for padding_free
-    import inspect
-
-    if len(inspect.signature(configure_training_args).parameters) == 1:
-        configure_training_args(args)
-    else:  # older sft/train.py: configure_training_args(args, template)
-        configure_training_args(args, template)
+    configure_training_args(args)
     if model is None:
         torch.manual_seed(args.seed)
         state = args.distributed_state
@@ -178,9 +172,9 @@ def pipeline_trainer(recipe, tokenizer, template, train_ds, padding_free: bool |
                                    str(state.distributed_type).split(".")[-1], state.local_process_index)
         model = load_model(recipe.model.model_name_or_path, **kwargs)
         disable_bnb_cpu_repack(model)
+    peft_config = lora_config(recipe.model, recipe.loading, model.config.num_hidden_layers)
     return ClassificationSFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                                    peft_config=get_peft_config(recipe.model), template=template,
-                                    label_position_loss=head_at_labels)
+                                    peft_config=peft_config, template=template, label_position_loss=head_at_labels)
 
 
 def bar_chart(path: str, labels: list[str], values: list[float], xlabel: str, title: str) -> None:

@@ -13,6 +13,9 @@ Same model, same texts (the first --n of the split), same fitted prompts, one pr
   loop      (b) one text at a time: `model(input_ids).logits` (every position through the LM head, the code people
             write first), label log-probs read at the answer positions. Its predictions must equal the scorer's.
   loop+head (b') the same loop with `logits_to_keep`: separates the batching gain from the LM-head gain.
+  prefill   (a') generate's first step alone: the same left-padded batches in split order, one forward with the LM
+            head at the last position, the label read from it (first label token). generate cannot be faster than
+            this, so scorer/prefill bounds what any scorer can gain over generate-and-parse on this model and machine.
 Routes are interleaved in chunks of --chunk texts so load changes on a shared machine hit all of them alike.
 """
 
@@ -76,6 +79,25 @@ def generate_and_parse(model, tokenizer, template, prompts, batch_size, max_new_
     return np.array(preds), answers
 
 
+def prefill_only(model, tokenizer, labels, prompts, batch_size) -> np.ndarray:
+    """Predictions from one left-padded forward per batch (split order), LM head at the last position only."""
+    device = next(model.parameters()).device
+    first = [ids[0] for ids in labels]
+    preds = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(batch):
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1).logits
+        preds += logits[:, -1, first].argmax(-1).tolist()
+    return np.array(preds)
+
+
 def per_example_loop(model, labels, prompts, all_positions: bool) -> np.ndarray:
     """Log-probs (n, classes), one forward per text (per text and label prefix for multi-token labels)."""
     device = next(model.parameters()).device
@@ -114,14 +136,15 @@ def main(argv=None) -> int:
           f"p90 {np.percentile(lengths, 90):.0f}, max {lengths.max()}; batch size {args.batch_size}; generate "
           f"max_new_tokens {max_new}")
 
-    routes = ["scorer", "generate", "loop"] + ([] if "loop_head" in args.skip else ["loop_head"])
+    routes = ["scorer", "generate", "prefill", "loop"] + ([] if "loop_head" in args.skip else ["loop_head"])
     clocks = {r: Clock() for r in routes}
     # warm-up (allocator, kernels, generation config) on two texts, not timed
     score_texts(model, tokenizer, template, texts[:2], batch_size=2, progress=False)
     generate_and_parse(model, tokenizer, template, prompts[:2], 2, max_new)
     per_example_loop(model, labels, prompts[:1], True)
+    prefill_only(model, tokenizer, labels, prompts[:2], 2)
 
-    score_lp, loop_lp, head_lp, gen_pred, answers = [], [], [], [], []
+    score_lp, loop_lp, head_lp, gen_pred, prefill_pred, answers = [], [], [], [], [], []
     load_before = load1()
     for start in range(0, len(texts), args.chunk):
         sl = slice(start, start + args.chunk)
@@ -132,6 +155,8 @@ def main(argv=None) -> int:
             p, a = generate_and_parse(model, tokenizer, template, prompts[sl], args.batch_size, max_new)
         gen_pred.append(p)
         answers += a
+        with clocks["prefill"]:
+            prefill_pred.append(prefill_only(model, tokenizer, labels, prompts[sl], args.batch_size))
         with clocks["loop"]:
             loop_lp.append(per_example_loop(model, labels, prompts[sl], all_positions=True))
         if "loop_head" in clocks:
@@ -152,7 +177,7 @@ def main(argv=None) -> int:
     rows = []
     for r, c in clocks.items():
         acc = {"scorer": (s_pred == gold).mean(), "generate": (gen_pred == gold).mean(),
-               "loop": (l_pred == gold).mean()}.get(r)
+               "loop": (l_pred == gold).mean(), "prefill": (np.concatenate(prefill_pred) == gold).mean()}.get(r)
         if r == "loop_head":
             acc = (np.concatenate(head_lp).argmax(1) == gold).mean()
         rows.append([r, f"{rate[r]:.2f}", f"{rate['scorer'] / rate[r]:.1f}x", f"{c.wall:.2f}", f"{c.cpu:.2f}",
@@ -167,7 +192,8 @@ def main(argv=None) -> int:
           f"first answers {answers[:3]}")
     speed_gen, speed_loop = rate["scorer"] / rate["generate"], rate["scorer"] / rate["loop"]
     if args.plot:
-        names = {"scorer": "label scorer", "generate": "(a) generate + parse", "loop": "(b) per-example loop",
+        names = {"scorer": "label scorer", "generate": "(a) generate + parse",
+                 "prefill": "(a') generate's prefill alone", "loop": "(b) per-example loop",
                  "loop_head": "(b') loop, head at last position"}
         bar_chart(args.plot, [names[r] for r in clocks], [rate[r] for r in clocks], "texts/s (higher is better)",
                   f"{what}, {n} test texts, batch {args.batch_size}")
@@ -176,6 +202,9 @@ def main(argv=None) -> int:
              f"{'met' if speed_loop >= 20 else 'MISSED'}, identical predictions "
              f"{'met' if identical == n else 'MISSED'}")
     print(goals)
+    print(f"bound: generate's prefill alone runs at {rate['prefill']:.2f} texts/s; both it and the scorer run one "
+          f"forward over the same prompt tokens, so against a generate that decodes just the label the scorer's "
+          f"speed-up cannot exceed {rate['scorer'] / rate['prefill']:.1f}x here (measured {speed_gen:.1f}x)")
     print(f"SUMMARY eval_speed: scorer {rate['scorer']:.2f} texts/s, {speed_gen:.1f}x generate-and-parse "
           f"({rate['generate']:.2f}/s), {speed_loop:.1f}x per-example loop ({rate['loop']:.2f}/s), identical "
           f"predictions {identical}/{n}, n={n}, load {load_before:.1f}->{load1():.1f}")

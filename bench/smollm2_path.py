@@ -5,11 +5,12 @@
     python bench/smollm2_path.py --link outputs/smollm2-135m      # symlink used by recipes/cpu_smollm2_lora.yaml
     python bench/smollm2_path.py --convert outputs/smollm2-135m-hf [--template_from recipes/cpu_smollm2_lora.yaml]
 
-The package is found without importing it (its __init__ needs the `llm` CLI, left out by --no-deps). Training and
-evaluating a LoRA adapter read the GGUF directly (recipe key `gguf_file`). `--convert` writes a plain safetensors
-folder (weights dequantised to float32) for what needs one: `eval/evaluate.py --adapter none --base DIR` loads
-safetensors only. With `--template_from`, the folder also gets the recipe's template.json and a run_info.json, so
-`eval/evaluate.py --adapter DIR` scores the base model zero-shot with exactly the prompt the recipe trains on.
+The package is found without importing it (its __init__ needs the `llm` CLI, left out by --no-deps). transformers
+loads the GGUF with `gguf_file=` (recipe/loading key `gguf_file`) but keeps a GGUF quantizer on the model, and Trainer
+refuses to train such a model, so `--convert` writes a plain safetensors folder (weights dequantised to float32; same
+logits) that recipes/cpu_smollm2_lora.yaml trains from. With `--template_from`, the folder also gets the recipe's
+template.json and a run_info.json, so `eval/evaluate.py --adapter DIR` scores the base model zero-shot with exactly
+the prompt the recipe trains on.
 """
 
 from __future__ import annotations

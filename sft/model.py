@@ -52,7 +52,7 @@ def from_pretrained(loader, name_or_path: str, **kwargs):
 
 @dataclass
 class LoadingArguments:
-    """Loading options TRL's ModelConfig does not have."""
+    """Model options TRL's ModelConfig does not have."""
 
     gguf_file: str | None = field(
         default=None, metadata={"help": "GGUF file inside model_name_or_path, passed to from_pretrained(gguf_file=)."}
@@ -60,6 +60,29 @@ class LoadingArguments:
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer path or id when it differs from model_name_or_path."}
     )
+    lora_layers_to_transform: list[int] | None = field(
+        default=None,
+        metadata={"help": "Decoder layers that get LoRA (PEFT layers_to_transform), e.g. the top ones: backward "
+                          "stops at the lowest adapted layer, so fewer layers means cheaper steps. Default: all."},
+    )
+
+
+def lora_config(model_args, loading: LoadingArguments, num_hidden_layers: int):
+    """TRL's `get_peft_config` plus `layers_to_transform`; None for full fine-tuning.
+
+    Layer indices outside the model are an error: PEFT would silently adapt only the ones that exist."""
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    layers = loading.lora_layers_to_transform
+    if config is None or layers is None:
+        return config
+    bad = [i for i in layers if not 0 <= i < num_hidden_layers]
+    if bad or not layers:
+        raise ModelLoadError(f"lora_layers_to_transform: {bad or layers} not in 0..{num_hidden_layers - 1} "
+                             f"({model_args.model_name_or_path} has {num_hidden_layers} layers)")
+    config.layers_to_transform = sorted(set(layers))
+    return config
 
 
 def init_cpu_distributed() -> bool:

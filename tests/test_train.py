@@ -118,6 +118,24 @@ def test_only_the_intended_parameters_change(tiny_model_dir, tmp_path, mode):
         assert json.loads((final / "run_info.json").read_text())["kind"] == "qlora"
 
 
+def test_lora_on_top_layers_with_cpu_bf16_autocast(tiny_model_dir, tmp_path):
+    """The CPU speed knobs of recipes/cpu_smollm2_lora.yaml: LoRA on chosen layers only, bf16 autocast on CPU."""
+    from sft.model import ModelLoadError
+
+    recipe = parse_recipe(demo_argv(tiny_model_dir, tmp_path, "--max_steps", "2", "--eval_strategy", "no",
+                                    "--lora_layers_to_transform", "1", "--use_cpu", "true", "--bf16", "true"))
+    assert recipe.training.bf16 and recipe.training.use_cpu  # kept: the recipe asked for CPU autocast
+    assert not parse_recipe(demo_argv(tiny_model_dir, tmp_path, "--bf16", "true")).training.bf16  # GPU recipe on CPU
+    trainer, final = train(recipe)
+    lora = [n for n, p in trainer.model.named_parameters() if "lora_" in n]
+    assert lora and all(".layers.1." in n for n in lora)
+    assert json.loads((final / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+    assert check_adapter_weights(final) > 0
+    bad = parse_recipe(demo_argv(tiny_model_dir, tmp_path / "bad", "--lora_layers_to_transform", "1", "2"))
+    with pytest.raises(ModelLoadError, match=r"lora_layers_to_transform: \[2\] not in 0..1"):
+        train(bad)
+
+
 def test_resume_auto_continues_from_the_newest_checkpoint(demo_run, tiny_model_dir, tmp_path):
     """A run stopped after checkpoint-2 resumes there and ends with the uninterrupted run's adapter."""
     import shutil
