@@ -121,7 +121,11 @@ def per_example_losses(model, batch) -> list[float]:
 
 
 def loss_check(padded_trainer, free_trainer, rows: int) -> dict:
-    model = free_trainer.model
+    from accelerate.utils import extract_model_from_parallel
+
+    # fp32: after training, accelerate leaves a bf16-autocast wrapper on forward when the recipe trains in bf16, and
+    # bf16 rounding (different for different batch shapes) would hide or fake a leak across packed sequences.
+    model = extract_model_from_parallel(free_trainer.model, keep_fp32_wrapper=False)
     model.eval()
     examples = [free_trainer.train_dataset[i] for i in range(rows)]
     padded = padded_trainer.data_collator(examples)
@@ -228,8 +232,8 @@ def main(argv=None) -> int:
         check = None
         if "padded" in trainers and "free" in trainers:
             check = loss_check(trainers["padded"], trainers["free"], args.check_rows)
-            print(f"loss check ({check['rows']} examples, attention {check['attn']}): max |padded - padding-free| "
-                  f"per-example loss {check['max_diff']:.2e} (goal <= 1e-4: "
+            print(f"loss check ({check['rows']} examples, attention {check['attn']}, fp32): max |padded - "
+                  f"padding-free| per-example loss {check['max_diff']:.2e} (goal <= 1e-4: "
                   f"{'met' if check['max_diff'] <= 1e-4 else 'MISSED'}); with attention across sequences "
                   f"(positions not restarted) {check['leaky_max_diff']:.2e}; first losses padded "
                   f"{check['padded_losses']}, padding-free {check['free_losses']}")

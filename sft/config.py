@@ -248,7 +248,7 @@ def parse_recipe(argv: list[str] | None = None, runtime: dict[str, Any] | None =
         # TrainingArguments refuses bf16 without a GPU, and SFTConfig turns bf16 on by default: on a CPU the same
         # recipe runs in fp32 (logged), so GPU recipes still parse, validate and run their early checks here.
         # A recipe written for CPUs asks for CPU bf16 autocast explicitly with `use_cpu: true` and `bf16: true`
-        # (1.6x faster LoRA steps on an AVX512-BF16 CPU, docs/benchmarks.md item 4).
+        # (1.56x faster LoRA steps on an AVX512-BF16 CPU, docs/benchmarks.md item 4).
         logger.warning("no GPU: bf16/fp16 mixed precision off, training in fp32")
         runtime.update(bf16=False, fp16=False)
     parser.set_defaults(**{**PROJECT_DEFAULTS, **resolved, **runtime})

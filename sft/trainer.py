@@ -66,6 +66,7 @@ class ClassificationSFTTrainer(SFTTrainer):
         if not (self.label_position_loss and plain_nll) or return_outputs or self.aux_loss_enabled:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
+        inputs = left_align(inputs)
         labels = inputs["labels"][:, 1:]  # the token predicted at position p is labels[p + 1]
         positions = (labels != -100).any(dim=0).nonzero().flatten()
         if positions.numel() == 0:
@@ -98,6 +99,26 @@ class ClassificationSFTTrainer(SFTTrainer):
                 self._total_train_tokens += gather(local).sum().item() // self._tp_size
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
+
+
+def left_align(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-padded batch -> the same rows left-padded, with explicit position_ids.
+
+    The LM head runs at the union of the rows' label positions (`logits_to_keep` takes one index list for the whole
+    batch). Right-padded, every row's label sits at a different column, so a batch of 32 ran the head at up to 96
+    positions per row; left-aligned, all labels end at the last column and the union is the 3 label positions.
+    position_ids restart at each row's first real token, so the logits are those of the right-padded batch.
+    Padding-free batches (no attention_mask) and batches without right padding pass through unchanged."""
+    mask = inputs.get("attention_mask")
+    if mask is None or "position_ids" in inputs or bool(mask[:, -1].all()):
+        return inputs
+    width = mask.size(1)
+    pads = width - mask.sum(dim=1, keepdim=True)  # right padding of each row (real tokens come first)
+    index = (torch.arange(width, device=mask.device).unsqueeze(0) - pads) % width
+    aligned = {k: (v.gather(1, index) if torch.is_tensor(v) and v.shape[:2] == mask.shape else v)
+               for k, v in inputs.items()}
+    aligned["position_ids"] = (aligned["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
+    return aligned
 
 
 def disable_bnb_cpu_repack(model) -> int:

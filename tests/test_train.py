@@ -70,9 +70,16 @@ def test_reloaded_adapter_gives_the_in_memory_logits(demo_run):
         assert not torch.allclose(base(input_ids=ids).logits, got, atol=1e-4)  # the adapter does something
 
 
-def test_label_position_loss_equals_trl_loss(demo_run):
+@pytest.mark.parametrize("layout", ["padding-free", "padded"])
+def test_label_position_loss_equals_trl_loss(demo_run, layout):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     trainer, _, _ = demo_run
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    collate = trainer.data_collator
+    if layout == "padded":  # right-padded rows: compute_loss left-aligns them first
+        collate = DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id)
+    batch = collate([trainer.train_dataset[i] for i in range(6)])
+    assert ("attention_mask" in batch) == (layout == "padded")
     trainer.model.eval()  # no LoRA dropout: both losses see the same network
     with torch.no_grad():
         ours = trainer.compute_loss(trainer.model, dict(batch))
@@ -82,6 +89,32 @@ def test_label_position_loss_equals_trl_loss(demo_run):
         finally:
             trainer.label_position_loss = True
     assert ours.item() == pytest.approx(trl.item(), abs=1e-5)
+
+
+def test_left_align_keeps_the_logits_and_puts_every_label_in_the_last_columns(demo_run):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sft.trainer import left_align
+
+    trainer, _, _ = demo_run  # the demo trains padding-free: build the padded batch TRL makes without it
+    collate = DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id)
+    batch = collate([trainer.train_dataset[i] for i in range(8)])
+    mask = batch["attention_mask"]
+    assert not mask[:, -1].all()  # right-padded rows of different lengths
+    aligned = left_align(dict(batch))
+    width, labelled = mask.size(1), (batch["labels"] != -100).sum(1)
+    assert (labelled == labelled[0]).all()  # label word + <|im_end|> + newline in every row
+    columns = (aligned["labels"] != -100).any(0).nonzero().flatten().tolist()
+    assert columns == list(range(width - int(labelled[0]), width))  # the union the LM head runs at
+    trainer.model.eval()
+    with torch.no_grad():
+        right = trainer.model(input_ids=batch["input_ids"], attention_mask=mask).logits
+        left = trainer.model(**{k: aligned[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
+    for r in range(mask.size(0)):
+        n = int(mask[r].sum())
+        assert torch.equal(aligned["input_ids"][r, width - n:], batch["input_ids"][r, :n])
+        assert torch.allclose(left[r, width - n:], right[r, :n], atol=1e-4)
+    assert left_align(aligned) is aligned  # already aligned (and padding-free batches) pass through
 
 
 def _snapshot(model):
