@@ -54,19 +54,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def left_pad(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with the prompts right-aligned, as generation needs them."""
+    width = max(len(p) for p in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(batch):
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    return ids, mask
+
+
 def generate_and_parse(model, tokenizer, template, prompts, batch_size, max_new_tokens):
     """(predictions, raw answers): -1 where the answer matches no verbalizer."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     preds, answers = [], []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(batch):
-            ids[r, width - len(p) :] = torch.tensor(p)
-            mask[r, width - len(p) :] = 1
+        ids, mask = left_pad(prompts[start : start + batch_size], pad)
+        width = ids.shape[1]
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
@@ -85,13 +91,7 @@ def prefill_only(model, tokenizer, labels, prompts, batch_size) -> np.ndarray:
     first = [ids[0] for ids in labels]
     preds = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(batch):
-            ids[r, width - len(p) :] = torch.tensor(p)
-            mask[r, width - len(p) :] = 1
+        ids, mask = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1).logits
         preds += logits[:, -1, first].argmax(-1).tolist()

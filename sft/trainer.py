@@ -115,7 +115,7 @@ def left_align(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     width = mask.size(1)
     pads = width - mask.sum(dim=1, keepdim=True)  # right padding of each row (real tokens come first)
     index = (torch.arange(width, device=mask.device).unsqueeze(0) - pads) % width
-    aligned = {k: (v.gather(1, index) if torch.is_tensor(v) and v.shape[:2] == mask.shape else v)
+    aligned = {k: (v.gather(1, index) if torch.is_tensor(v) and v.shape == mask.shape else v)
                for k, v in inputs.items()}
     aligned["position_ids"] = (aligned["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
     return aligned
