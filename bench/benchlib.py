@@ -53,6 +53,16 @@ def machine_line() -> str:
     )
 
 
+def start_training_bench() -> None:
+    """Quiet the libraries' dataset bars and info logs (each script prints its own figures); print the machine line."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    print(machine_line())
+
+
 def data_dir(explicit: str | None) -> str:
     """--data_dir, else $CHNSENTICORP_DIR; the benchmarks are about the real data, so neither is an error."""
     value = explicit or os.environ.get("CHNSENTICORP_DIR")

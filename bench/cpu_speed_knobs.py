@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 import benchlib  # noqa: F401  (puts the repo root on sys.path)
-from benchlib import bar_chart, machine_line, pipeline_trainer, table
+from benchlib import bar_chart, pipeline_trainer, start_training_bench, table
 from train_tokens import StepClock, build_recipe
 
 
@@ -42,14 +42,11 @@ def variants(num_layers: int) -> dict[str, list[str]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import datasets
     import transformers
 
     from sft.train import prepare
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    print(machine_line())
+    start_training_bench()
     with tempfile.TemporaryDirectory() as tmp:
         recipe = build_recipe(args, tmp, [])
         tokenizer, template, _, train_ds, *_ = prepare(recipe)

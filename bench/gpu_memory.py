@@ -26,7 +26,7 @@ from pathlib import Path
 
 import benchlib  # noqa: F401  (puts the repo root on sys.path)
 import torch
-from benchlib import REPO, SAMPLE_DIR, machine_line, pipeline_trainer, table
+from benchlib import REPO, SAMPLE_DIR, pipeline_trainer, start_training_bench, table
 from transformers import TrainerCallback
 
 QWEN2_5_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -126,12 +126,7 @@ def run_case(args, model_dir: str, data: str, out: str, kind: str, layout: str, 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    print(machine_line())
+    start_training_bench()
     if not torch.cuda.is_available() and not args.device_ok_cpu:
         print("no GPU: nothing measured (pass --device_ok_cpu for a CPU smoke test)")
         print("SUMMARY gpu_memory: not run (no GPU)")

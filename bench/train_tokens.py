@@ -28,7 +28,7 @@ from pathlib import Path
 import benchlib  # noqa: F401  (puts the repo root on sys.path)
 import numpy as np
 import torch
-from benchlib import bar_chart, load1, machine_line, pipeline_trainer, table
+from benchlib import bar_chart, load1, pipeline_trainer, start_training_bench, table
 from transformers import TrainerCallback
 
 MODES = {  # name: (padding_free, sampling strategy, label_position_loss)
@@ -150,14 +150,9 @@ def loss_check(padded_trainer, free_trainer, rows: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import datasets
-    import transformers
-
     from sft.train import prepare
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    print(machine_line())
+    start_training_bench()
     with tempfile.TemporaryDirectory() as tmp:
         recipe = build_recipe(args, tmp, [])
         tokenizer, template, splits, train_ds, *_ = prepare(recipe)
