@@ -260,6 +260,10 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         evaluate(args)
+        if state.use_distributed:
+            # the other ranks finish scoring long before the main one has written the outputs: tearing the gloo
+            # group down while a peer is still connected aborts ("terminate called without an active exception")
+            state.wait_for_everyone()
     except (OSError, ValueError) as e:  # missing files/models, sft.data.DataError, base mismatch: one line
         print(f"error: {'; '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
