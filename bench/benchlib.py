@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:  # `python bench/x.py` from a fresh checkout: sft/
     sys.path.insert(0, str(REPO))
 
 SAMPLE_DIR = REPO / "tests" / "data" / "sample"
+REAL_DATA = REPO / "data" / "chnsenticorp"
 
 
 def cpu_model() -> str:
@@ -64,10 +65,8 @@ def start_training_bench() -> None:
 
 
 def data_dir(explicit: str | None) -> str:
-    """--data_dir, else $CHNSENTICORP_DIR; the benchmarks are about the real data, so neither is an error."""
-    value = explicit or os.environ.get("CHNSENTICORP_DIR")
-    if not value:
-        raise SystemExit("error: pass --data_dir or set CHNSENTICORP_DIR (the ChnSentiCorp train/dev/test.tsv folder)")
+    """--data_dir, else the ChnSentiCorp copy shipped in data/chnsenticorp: the benchmarks are about the real data."""
+    value = explicit or str(REAL_DATA)
     if not Path(value).is_dir():
         raise SystemExit(f"error: {value}: not a directory")
     return value

@@ -25,7 +25,7 @@ from train_tokens import StepClock, build_recipe
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", required=True)
-    p.add_argument("--data_dir", help="ChnSentiCorp folder (default: $CHNSENTICORP_DIR)")
+    p.add_argument("--data_dir", help="ChnSentiCorp folder (default: data/chnsenticorp)")
     p.add_argument("--model_name_or_path", help="override the recipe's model")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")

@@ -43,7 +43,7 @@ from benchlib import (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--data_dir", help="ChnSentiCorp folder (default: $CHNSENTICORP_DIR)")
+    p.add_argument("--data_dir", help="ChnSentiCorp folder (default: data/chnsenticorp)")
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=int, default=512, help="texts to score (the first N of the split)")
     p.add_argument("--batch_size", type=int, default=32, help="scorer and generate batch size")

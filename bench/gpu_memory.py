@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq", type=int, default=256, help="max_length (prompt + label tokens)")
     p.add_argument("--gradient_checkpointing", choices=["recipe", "true", "false"], default="recipe")
-    p.add_argument("--data_dir", help="ChnSentiCorp folder (default: $CHNSENTICORP_DIR, else the shipped sample)")
+    p.add_argument("--data_dir", help="data folder (default: the shipped sample; data/chnsenticorp: the real splits)")
     p.add_argument("--device_ok_cpu", action="store_true", help="run without a GPU (smoke test; no memory figures)")
     return p.parse_args(argv)
 
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     ligers = [False] + ([True] if have_liger and args.liger in ("auto", "both") else [])
     if args.liger == "both" and not have_liger:
         print("liger-kernel is not installed: Liger cases skipped")
-    data = args.data_dir or __import__("os").environ.get("CHNSENTICORP_DIR") or str(SAMPLE_DIR)
+    data = args.data_dir or str(SAMPLE_DIR)
     config = QWEN2_5_1_5B if args.config == "qwen2.5-1.5b" else TINY
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

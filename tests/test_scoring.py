@@ -156,8 +156,14 @@ def test_token_budget_caps_batches(sharp_model, qwen_tokenizer, monkeypatch):
     np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-4)
 
 
-def test_low_label_mass_warns(sharp_model, qwen_tokenizer, caplog):
+def test_low_label_mass_warns_once_in_plain_words(sharp_model, qwen_tokenizer, caplog, monkeypatch):
+    from eval import scoring
+
+    monkeypatch.setattr(scoring, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="eval.scoring"):
         scores = score_texts(sharp_model, qwen_tokenizer, PromptTemplate(), TEXTS[:2], progress=False)
+        score_texts(sharp_model, qwen_tokenizer, PromptTemplate(), TEXTS[2:4], progress=False)
     assert scores.label_mass.mean() < 0.5  # a random model does not answer with the labels
-    assert "template drift" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if "label words" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # a second scoring in the same process stays quiet
+    assert "random base" in warnings[0] and "differs from the one it was trained on" in warnings[0]

@@ -17,7 +17,7 @@ from sft.train import train
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "sample"
 FAST = ["--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",
-        "--max_eval_samples", "16", "--per_device_train_batch_size", "8"]
+        "--max_eval_samples", "16", "--per_device_train_batch_size", "8", "--do_predict", "false"]
 
 
 def demo_argv(model_dir, out, *extra):
