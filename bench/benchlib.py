@@ -101,15 +101,16 @@ def load_model_and_template(args):
     import torch
 
     from sft.model import load_for_inference, load_model, load_tokenizer
+    from sft.sources import resolve_model
     from sft.template import PromptTemplate
 
     if args.adapter:
         model, tokenizer, template = load_for_inference(args.adapter, dtype="float32")
         what = f"adapter {args.adapter}"
     elif args.base:
-        extra = {"gguf_file": args.gguf_file} if args.gguf_file else {"use_safetensors": True}
-        model = load_model(args.base, dtype=torch.float32, **extra)
-        tokenizer = load_tokenizer(args.base, gguf_file=args.gguf_file)
+        base = resolve_model(args.base, args.gguf_file)  # a GGUF base: its dequantized copy
+        model = load_model(base, dtype=torch.float32, use_safetensors=True)
+        tokenizer = load_tokenizer(base)
         template = PromptTemplate()
         model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         what = f"base {args.base}" + (f" ({args.gguf_file})" if args.gguf_file else "")
@@ -163,6 +164,7 @@ def pipeline_trainer(recipe, tokenizer, template, train_ds, padding_free: bool |
     import torch
 
     from sft.model import load_model, lora_config, model_init_kwargs
+    from sft.sources import resolve_model
     from sft.train import configure_training_args
     from sft.trainer import ClassificationSFTTrainer, disable_bnb_cpu_repack
 
@@ -177,9 +179,9 @@ def pipeline_trainer(recipe, tokenizer, template, train_ds, padding_free: bool |
     if model is None:
         torch.manual_seed(args.seed)
         state = args.distributed_state
-        kwargs = model_init_kwargs(recipe.model, recipe.loading, args.trust_remote_code,
-                                   str(state.distributed_type).split(".")[-1], state.local_process_index)
-        model = load_model(recipe.model.model_name_or_path, **kwargs)
+        kwargs = model_init_kwargs(recipe.model, args.trust_remote_code, str(state.distributed_type).split(".")[-1],
+                                   state.local_process_index)
+        model = load_model(resolve_model(recipe.model.model_name_or_path, recipe.loading.gguf_file), **kwargs)
         disable_bnb_cpu_repack(model)
     peft_config = lora_config(recipe.model, recipe.loading, model.config.num_hidden_layers)
     return ClassificationSFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,

@@ -49,8 +49,9 @@ def main(argv=None) -> int:
     start_training_bench()
     with tempfile.TemporaryDirectory() as tmp:
         recipe = build_recipe(args, tmp, [])
-        tokenizer, template, _, train_ds, *_ = prepare(recipe)
-        layers = transformers.AutoConfig.from_pretrained(recipe.model.model_name_or_path).num_hidden_layers
+        prepared = prepare(recipe)
+        tokenizer, template, train_ds = prepared.tokenizer, prepared.template, prepared.train_records
+        layers = transformers.AutoConfig.from_pretrained(prepared.base).num_hidden_layers
         print(f"recipe {args.recipe}: {recipe.model.model_name_or_path} ({layers} layers), LoRA layers "
               f"{recipe.loading.lora_layers_to_transform or 'all'}, bf16 {recipe.training.bf16}, batch "
               f"{recipe.training.per_device_train_batch_size}, max_length {template.max_length}, "

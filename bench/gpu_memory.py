@@ -101,7 +101,8 @@ def run_case(args, model_dir: str, data: str, out: str, kind: str, layout: str, 
         argv += ["--dtype", "float32", "--optim", "adamw_torch"]  # CPU smoke test: no bf16 / paged optimizers
     os.makedirs(out, exist_ok=True)
     recipe = parse_recipe(argv)
-    tokenizer, template, _, train_ds, *_ = prepare(recipe)
+    prepared = prepare(recipe)
+    tokenizer, template, train_ds = prepared.tokenizer, prepared.template, prepared.train_records
     if torch.cuda.is_available():
         gc.collect()
         torch.cuda.empty_cache()

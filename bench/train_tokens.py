@@ -155,7 +155,9 @@ def main(argv=None) -> int:
     start_training_bench()
     with tempfile.TemporaryDirectory() as tmp:
         recipe = build_recipe(args, tmp, [])
-        tokenizer, template, splits, train_ds, *_ = prepare(recipe)
+        prepared = prepare(recipe)
+        tokenizer, template, splits, train_ds = (prepared.tokenizer, prepared.template, prepared.splits,
+                                                 prepared.train_records)
         texts = splits["train"]["text"]
         chars = np.array([len(t) for t in texts])
         bs = recipe.training.per_device_train_batch_size * recipe.training.gradient_accumulation_steps

@@ -153,19 +153,16 @@ def device_map_for(quantized: bool, distributed_type: str, local_process_index: 
     return {"": local_process_index}
 
 
-def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False,
-                   gguf_file: str | None = None):
+def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False):
     """Load a tokenizer and make sure pad != eos (Qwen: pad <|endoftext|>, eos <|im_end|>)."""
     from transformers import AutoTokenizer
 
     check_local_path(name_or_path)
     local = Path(name_or_path).expanduser()
-    if local.is_dir() and not gguf_file and not any((local / f).is_file() for f in TOKENIZER_FILES):
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"{name_or_path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
                                 "incomplete download?")
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = from_pretrained(AutoTokenizer, name_or_path, revision=revision, trust_remote_code=trust_remote_code,
-                                **extra)
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if QWEN_PAD_TOKEN in tokenizer.get_vocab() and tokenizer.eos_token != QWEN_PAD_TOKEN:
             tokenizer.pad_token = QWEN_PAD_TOKEN

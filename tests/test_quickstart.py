@@ -245,7 +245,12 @@ def timed(argv, env, cwd=REPO):
 
 
 def fake_adapter(folder: Path, base: str) -> Path:
-    folder.mkdir(parents=True)
+    """A training output whose base must come from the hub: everything else (template, tokenizer) is local."""
+    from sft.template import PromptTemplate
+    from sft.tiny_model import save_qwen2_5_tokenizer
+
+    save_qwen2_5_tokenizer(folder)
+    PromptTemplate().save(folder)
     (folder / "run_info.json").write_text(json.dumps({"base_model": base, "kind": "lora"}))
     (folder / "adapter_config.json").write_text("{}")
     return folder
