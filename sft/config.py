@@ -113,9 +113,6 @@ Examples:
 """
 
 
-USAGE_HINT = "usage: sft/train.py RECIPE.yaml [--key value ...]   (--help for more)"
-
-
 def usage() -> str:
     """Short help: the keys that are the project's own, one line each (the libraries document theirs)."""
     import dataclasses

@@ -17,7 +17,7 @@ def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
     """Our loggers at INFO on the main process (WARNING elsewhere); the libraries at WARNING unless verbose."""
     level = logging.INFO if main_process else logging.WARNING
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(level)
     if not verbose:

@@ -202,7 +202,8 @@ def plot_loss_curve(log_history: list[dict], path: str | Path) -> None:
         ax2.set_ylabel("dev accuracy")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
+    if ax.get_legend_handles_labels()[0]:  # a run shorter than logging_steps logged no loss
+        ax.legend(loc="upper left")
     ax.set_title("training curve")
     fig.tight_layout()
     tmp = Path(path).with_name(Path(path).stem + ".tmp.png")

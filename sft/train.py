@@ -243,7 +243,7 @@ def closing_lines(recipe, final: Path, test_metrics: dict | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sft.config import USAGE_HINT, RecipeError, make_parser, parse_recipe, usage
+    from sft.config import RecipeError, make_parser, parse_recipe, usage
     from sft.quiet import setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -269,10 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.accelerator.is_main_process:
             print("\n".join(closing_lines(recipe, final, test_metrics)))
         trainer.end()  # finish trackers, destroy the process group
-    except RecipeError as e:
-        print(f"error: {e}\n{USAGE_HINT}", file=sys.stderr)
-        return 2
-    except (DataError, ResumeError, OSError, TemplateError, ModelLoadError) as e:  # OSError: paths
+    except (RecipeError, DataError, ResumeError, OSError, TemplateError, ModelLoadError) as e:  # OSError: paths
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

@@ -114,7 +114,7 @@ def test_demo_builds_its_model_trains_and_says_chance_is_expected(demo_elsewhere
     assert (final / "adapter_model.safetensors").is_file() and (final / "eval_test" / "metrics.json").is_file()
     lines = result.stdout.strip().splitlines()
     last = lines[lines.index(f"adapter: {Path('outputs/demo/final')}"):]  # the closing lines, after the trainer's logs
-    assert any(line.startswith("  TF-IDF + logistic regression (baseline)") for line in last)  # side by side
+    assert any(line.startswith("  TF-IDF + LR baseline ") for line in last)  # side by side
     assert any("RANDOMLY initialised" in line and "chance accuracy" in line for line in last)
     print(f"demo wall time (with test scoring, cold model cache or not): {seconds:.1f} s")
     card = (final / "README.md").read_text(encoding="utf-8")

@@ -25,7 +25,7 @@ SAMPLE = REPO / "tests" / "data" / "sample"
 def argv(model_dir, out, *extra):
     return ["recipes/demo.yaml", "--model_name_or_path", str(model_dir), "--output_dir", str(out),
             "--data_dir", str(SAMPLE), "--logging_steps", "1", "--per_device_train_batch_size", "8",
-            "--max_eval_samples", "16", *extra]
+            "--max_eval_samples", "16", "--do_predict", "false", *extra]
 
 
 def start(args, **kwargs):
