@@ -252,7 +252,7 @@ def check_base_matches(adapter_dir: str | Path, run_info: dict, base: str, base_
             f"{adapter_dir}: adapter was trained on {run_info.get('base_model')!r}, which does not match --base "
             f"{base!r} ({'; '.join(diffs)})"
         )
-    if base not in (run_info.get("base_model"), (run_info.get("base_model_local") or {}).get("absolute")):
+    if base != run_info.get("base_model"):
         logger.warning(
             "applying %s (trained on %s) to %s: same architecture", adapter_dir, run_info["base_model"], base
         )
@@ -297,7 +297,7 @@ def load_for_inference(
             base = base or recorded_base(run_info, adapter_dir)
             folder = resolve_model(base, run_info.get("gguf_file") if recorded else None, Path(adapter_dir))
             config = from_pretrained(AutoConfig, folder, trust_remote_code=trust_remote_code)
-            check_base_matches(adapter_dir, run_info, base, config)
+            check_base_matches(adapter_dir, run_info, run_info["base_model"] if recorded else base, config)
             try:
                 model = PeftModel.from_pretrained(load_model(folder, use_safetensors=True, **common), adapter_dir)
             except RuntimeError as e:  # weights of another shape: PEFT's multi-line size-mismatch report

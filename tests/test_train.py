@@ -239,9 +239,10 @@ def test_two_process_cpu_runs(tiny_model_dir, tmp_path, torch_extensions_dir, la
     """Real 2-rank gloo runs: DDP and DeepSpeed ZeRO-2/3, one adapter written, world size 2 seen inside the run."""
     out = tmp_path / launch
     extra = [] if launch == "cpu_ddp" else ["--num_processes", "2"]
+    predict = ["--do_predict", "true"] if launch == "cpu_ddp" else []  # test scoring sharded over the 2 ranks
     result = run_cli(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/{launch}.yaml", *extra,
-         "sft/train.py", *demo_argv(tiny_model_dir, out)],
+         "sft/train.py", *demo_argv(tiny_model_dir, out), *predict],
         env={"TORCH_EXTENSIONS_DIR": str(torch_extensions_dir), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -249,6 +250,10 @@ def test_two_process_cpu_runs(tiny_model_dir, tmp_path, torch_extensions_dir, la
     assert info["world_size"] == 2
     assert check_adapter_weights(out / "final") > 0  # the ZeRO-3 empty-adapter guard passes
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("final")) == ["final"]
+    if predict:
+        metrics = json.loads((out / "final" / "eval_test" / "metrics.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["n"] == 60
+        assert result.stdout.count("TF-IDF + LR baseline ") == 1  # the closing lines, printed by the main rank only
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "launch").glob("*.yaml")), ids=lambda p: p.name)
