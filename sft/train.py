@@ -247,14 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     from sft.quiet import setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging("--verbose" in argv, main_process=os.environ.get("RANK", "0") == "0")
     if {"-h", "--help"} & set(argv):
         print(usage())
         return 0
+    if not argv:
+        print(f"{usage()}\nerror: no recipe given", file=sys.stderr)
+        return 2
     if "--help_all" in argv:
         print(make_parser().format_help())
         return 0
-    verbose = "--verbose" in argv
-    setup_logging(verbose, main_process=os.environ.get("RANK", "0") == "0")
 
     from sft.data import DataError
     from sft.model import ModelLoadError, init_cpu_distributed

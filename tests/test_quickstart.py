@@ -21,6 +21,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "sample"
 MAIN_JOB = "recipes/cpu_smollm2_lora.yaml"
+NOISE = ("kernels-community", "Setting accelerator to CPU", "pin_memory", "is deprecated", "generated new fontManager")
 
 
 def quick_start_block() -> list[str]:
@@ -116,6 +117,9 @@ def test_demo_builds_its_model_trains_and_says_chance_is_expected(demo_elsewhere
     last = lines[lines.index(f"adapter: {Path('outputs/demo/final')}"):]  # the closing lines, after the trainer's logs
     assert any(line.startswith("  TF-IDF + LR baseline ") for line in last)  # side by side
     assert any("RANDOMLY initialised" in line and "chance accuracy" in line for line in last)
+    for noise in NOISE:  # quiet by default: the known-harmless library warnings are filtered
+        assert noise not in result.stderr, noise
+    assert result.stderr.count("label words") == 1  # the low-label-mass explanation, once
     print(f"demo wall time (with test scoring, cold model cache or not): {seconds:.1f} s")
     card = (final / "README.md").read_text(encoding="utf-8")
     assert "More Information Needed" not in card
@@ -171,9 +175,16 @@ def test_adapter_on_a_relative_local_base_loads_from_anywhere(tiny_model_dir, tm
 def test_train_help_exits_zero_with_usage(flag):
     result = run([sys.executable, "sft/train.py", flag])
     assert result.returncode == 0, result.stderr
+    assert not any(noise in result.stderr for noise in NOISE), result.stderr
     for part in ("usage: sft/train.py RECIPE.yaml [--key value ...]", "TRL SFTConfig", "TRL ModelConfig",
                  "data_dir", "verbalizers", "--use_qlora", "builtin:tiny-qwen2.5"):
         assert part in result.stdout, part
+
+
+def test_train_without_arguments_shows_usage_and_exits_2():
+    result = run([sys.executable, "sft/train.py"])
+    assert result.returncode == 2 and result.stderr.startswith("usage: sft/train.py RECIPE.yaml")
+    assert result.stderr.rstrip().endswith("error: no recipe given")
 
 
 def help_examples(script: str) -> list[list[str]]:
