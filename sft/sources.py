@@ -226,12 +226,13 @@ def resolve_model(spec: str, gguf_file: str | None = None, relative_to: Path | N
 
 
 # ----- the base recorded with an adapter ------------------------------------------------------------------------
-def base_location(spec: str, resolved: str, final_dir: Path) -> dict | None:
+def base_location(spec: str, final_dir: Path) -> dict | None:
     """For a local base: where it is, absolute and relative to the adapter's final folder, so the adapter loads
-    from any working directory and after the output folder (or both) moved. None for hub ids and portable specs."""
-    if is_portable_spec(spec) or not Path(resolved).exists():
+    from any working directory and after the output folder (or both) moved. None for hub ids and portable specs.
+    (The folder the spec names, not a dequantized copy: a GGUF base is found again through its gguf_file.)"""
+    if is_portable_spec(spec) or not Path(spec).expanduser().exists():
         return None
-    absolute = Path(resolved).resolve()
+    absolute = Path(spec).expanduser().resolve()
     return {"absolute": str(absolute), "relative_to_adapter": os.path.relpath(absolute, final_dir.resolve())}
 
 

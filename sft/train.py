@@ -151,7 +151,7 @@ def save_final(trainer, recipe, prepared: Prepared, extra_metrics: dict) -> Path
         base_config = trainer.model.get_base_model().config if peft else trainer.model.config
         run_info = {
             "base_model": recipe.model.model_name_or_path,
-            "base_model_local": base_location(recipe.model.model_name_or_path, prepared.base, final),
+            "base_model_local": base_location(recipe.model.model_name_or_path, final),
             "model_revision": recipe.model.model_revision,
             "gguf_file": recipe.loading.gguf_file,
             "base_signature": base_signature(base_config),

