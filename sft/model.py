@@ -32,8 +32,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 def check_local_path(name_or_path: str, what: str = "model") -> None:
     """A path that looks local but is missing would otherwise be sent to the hub as a repo id."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
-    if looks_local and not Path(name_or_path).expanduser().exists():
+    from sft.sources import looks_local
+
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise FileNotFoundError(f"{name_or_path}: {what} path does not exist")
 
 

@@ -49,6 +49,7 @@ def is_portable_spec(spec: str) -> bool:
 
 
 def looks_local(spec: str) -> bool:
+    """A path, not a hub id: `outputs/x` that exists, or anything starting with `.`, `/` or `~`."""
     return spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
 
 
