@@ -17,21 +17,15 @@ import argparse
 import sys
 import tempfile
 
-import benchlib  # noqa: F401  (puts the repo root on sys.path)
-from benchlib import bar_chart, pipeline_trainer, start_training_bench, table
-from train_tokens import StepClock, build_recipe
+import benchlib as bench
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--data_dir", help="ChnSentiCorp folder (default: data/chnsenticorp)")
-    p.add_argument("--model_name_or_path", help="override the recipe's model")
+    bench.add_recipe_args(p)
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     p.add_argument("--plot", help="write a bar chart of samples/s to this PNG")
-    # build_recipe's other options
-    p.set_defaults(batch_size=None, max_train_samples=None, set=[])
     return p.parse_args(argv)
 
 
@@ -40,45 +34,42 @@ def variants(num_layers: int) -> dict[str, list[str]]:
     return {"recipe": [], "fp32": ["--bf16", "false"], "all layers": every, "fp32, all": ["--bf16", "false", *every]}
 
 
+def time_variants(args, tmp: str, prepared, layers: int) -> dict[str, dict]:
+    """{variant: StepClock span after the warm-up}, a fresh model each, one after the other."""
+    timed = {}
+    for name, extra in variants(layers).items():
+        trainer = bench.pipeline_trainer(bench.recipe_from_args(args, tmp, *extra), prepared)
+        timed[name] = span = bench.timed_train(trainer, args.warmup + args.steps)[0].after(args.warmup)
+        print(f"  {name}: {span['wall'] / span['steps']:.2f} s/step, load {span['loads'][0]:.2f} -> "
+              f"{span['loads'][1]:.2f}", flush=True)
+        del trainer
+    return timed
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import transformers
 
-    from sft.train import prepare
+    from sft.run import prepare
 
-    start_training_bench()
+    bench.start_training_bench()
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = build_recipe(args, tmp, [])
+        recipe = bench.recipe_from_args(args, tmp)
         prepared = prepare(recipe)
-        tokenizer, template, train_ds = prepared.tokenizer, prepared.template, prepared.train_records
+        bench.describe(recipe, prepared)
         layers = transformers.AutoConfig.from_pretrained(prepared.base).num_hidden_layers
-        print(f"recipe {args.recipe}: {recipe.model.model_name_or_path} ({layers} layers), LoRA layers "
-              f"{recipe.loading.lora_layers_to_transform or 'all'}, bf16 {recipe.training.bf16}, batch "
-              f"{recipe.training.per_device_train_batch_size}, max_length {template.max_length}, "
-              f"{recipe.training.train_sampling_strategy}")
-        bs = recipe.training.per_device_train_batch_size
-        timed = {}  # name: (wall seconds, steps, real tokens)
-        for name, extra in variants(layers).items():
-            trainer = pipeline_trainer(build_recipe(args, tmp, extra), tokenizer, template, train_ds)
-            clock = StepClock(trainer)
-            trainer.add_callback(clock)
-            trainer.args.max_steps = args.warmup + args.steps
-            trainer.train()
-            (w0, _, l0, n0), (w1, _, l1, n1) = clock.marks[args.warmup - 1], clock.marks[-1]
-            timed[name] = (w1 - w0, args.steps, n1 - n0)
-            print(f"  {name}: {(w1 - w0) / args.steps:.2f} s/step, load {l0:.2f} -> {l1:.2f}", flush=True)
-            del trainer
-    rate = {name: steps * bs / wall for name, (wall, steps, _) in timed.items()}
-    rows = [[name, f"{wall / steps:.2f}", f"{rate[name]:.2f}", f"{tokens / wall:.0f}",
-             f"{rate[name] / rate['fp32, all']:.2f}x"] for name, (wall, steps, tokens) in timed.items()]
-    print(table(rows, ["variant", "s/step", "samples/s", "real tokens/s", "vs fp32, all layers"]))
-    if args.plot:
-        bar_chart(args.plot, list(rate), list(rate.values()), "training samples/s (higher is better)",
-                  f"{recipe.model.model_name_or_path}: batch {bs}, max_length {template.max_length}")
-        print(f"chart written to {args.plot}")
-    print(f"SUMMARY cpu_speed_knobs: recipe {rate['recipe']:.2f} samples/s = {rate['recipe'] / rate['fp32, all']:.2f}x "
-          f"fp32 all layers ({rate['fp32, all']:.2f}); bf16 alone {rate['all layers'] / rate['fp32, all']:.2f}x, "
-          f"top layers alone {rate['fp32'] / rate['fp32, all']:.2f}x")
+        print(f"{layers} decoder layers")
+        timed = time_variants(args, tmp, prepared, layers)
+    bs, fp32_all = recipe.training.per_device_train_batch_size, "fp32, all"
+    rate = {name: s["steps"] * bs / s["wall"] for name, s in timed.items()}
+    rows = [[name, f"{s['wall'] / s['steps']:.2f}", f"{rate[name]:.2f}", f"{s['tokens'] / s['wall']:.0f}",
+             f"{rate[name] / rate[fp32_all]:.2f}x"] for name, s in timed.items()]
+    print(bench.table(rows, ["variant", "s/step", "samples/s", "real tokens/s", "vs fp32, all layers"]))
+    bench.bar_chart(args.plot, list(rate), list(rate.values()), "training samples/s (higher is better)",
+                    f"{recipe.model.model_name_or_path}: batch {bs}, max_length {prepared.template.max_length}")
+    print(f"SUMMARY cpu_speed_knobs: recipe {rate['recipe']:.2f} samples/s = {rate['recipe'] / rate[fp32_all]:.2f}x "
+          f"fp32 all layers ({rate[fp32_all]:.2f}); bf16 alone {rate['all layers'] / rate[fp32_all]:.2f}x, "
+          f"top layers alone {rate['fp32'] / rate[fp32_all]:.2f}x")
     return 0
 
 

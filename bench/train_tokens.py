@@ -22,14 +22,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import benchlib  # noqa: F401  (puts the repo root on sys.path)
+import benchlib as bench
 import numpy as np
 import torch
-from benchlib import bar_chart, load1, pipeline_trainer, start_training_bench, table
-from transformers import TrainerCallback
 
 MODES = {  # name: (padding_free, sampling strategy, label_position_loss)
     "padded, head everywhere": (False, "random", False),
@@ -38,52 +35,21 @@ MODES = {  # name: (padding_free, sampling strategy, label_position_loss)
     "free, head everywhere": (True, "random", False),
     "free": (True, "random", True),
 }
+PAIRS = [("free", "padded", "padding-free vs padded"), ("padded+len", "padded", "length-grouped vs padded"),
+         ("padded", "padded, head everywhere", "label-position head (padded)"),
+         ("free", "free, head everywhere", "label-position head (padding-free)"),
+         ("free", "padded, head everywhere", "pipeline vs TRL defaults (padded, head everywhere)")]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", required=True, help="recipe whose model, template, max_length and batch size are used")
-    p.add_argument("--data_dir", help="ChnSentiCorp folder (default: data/chnsenticorp)")
-    p.add_argument("--model_name_or_path", help="override the recipe's model")
-    p.add_argument("--batch_size", type=int, help="per-device batch size (default: the recipe's)")
+    bench.add_recipe_args(p)
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--check_rows", type=int, default=16, help="examples in the loss-equality check")
-    p.add_argument("--max_train_samples", type=int, help="use only the first N train rows")
     p.add_argument("--plot", help="write a bar chart of samples/s (at the mean length) to this PNG")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="other recipe overrides, e.g. dtype=bfloat16")
     return p.parse_args(argv)
-
-
-class StepClock(TrainerCallback):
-    """Wall/CPU time at each optimizer step end; the rate is taken between the warm-up's end and the last step."""
-
-    def __init__(self, trainer):
-        self.trainer, self.marks = trainer, []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # _total_train_tokens: real (non-pad) tokens seen, counted by TRL's and the pipeline's compute_loss
-        self.marks.append((time.perf_counter(), time.process_time(), load1(), self.trainer._total_train_tokens))
-
-
-def build_recipe(args, out_dir: str, extra: list[str]):
-    from sft.config import parse_recipe
-
-    argv = [args.recipe, "--output_dir", out_dir, "--overwrite_output_dir", "true", "--eval_strategy", "no",
-            "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1000", "--data_dir",
-            benchlib.data_dir(args.data_dir), "--resume_from_checkpoint", "none", "--disable_tqdm", "true", *extra]
-    if args.model_name_or_path:
-        argv += ["--model_name_or_path", args.model_name_or_path]
-    if args.batch_size:
-        argv += ["--per_device_train_batch_size", str(args.batch_size)]
-    if args.max_train_samples:
-        argv += ["--max_train_samples", str(args.max_train_samples)]
-    for item in args.set:
-        key, _, value = item.partition("=")
-        argv += [f"--{key}", value]
-    return parse_recipe(argv)
 
 
 def real_token_fraction(trainer) -> tuple[float, float, float, int]:
@@ -100,155 +66,117 @@ def real_token_fraction(trainer) -> tuple[float, float, float, int]:
     return real / total, float(np.mean(per_batch)), float(np.min(per_batch)), len(per_batch)
 
 
-def per_example_losses(model, batch) -> list[float]:
-    """Mean NLL over each example's label tokens, from the full logits (independent of the trainer's loss)."""
+def per_example_losses(model, batch, positions=None) -> np.ndarray:
+    """Mean NLL over each example's label tokens, from the full logits (independent of the trainer's loss).
+    `positions` replaces the batch's position_ids in the forward; examples are still split where they restart."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     with torch.no_grad():
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        logits = model(**inputs, use_cache=False).logits.float()
-    labels = batch["labels"]
-    logp = torch.log_softmax(logits[:, :-1], -1)
-    targets = labels[:, 1:]
-    nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    valid = targets != -100
+        logits = model(**inputs | ({} if positions is None else {"position_ids": positions}), use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    nll = -torch.log_softmax(logits.float()[:, :-1], -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     if "attention_mask" in batch:  # padded: one example per row
-        return [float(nll[r][valid[r]].mean()) for r in range(labels.shape[0])]
-    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [labels.shape[1]]
-    out = []
-    for s, e in zip(starts[:-1], starts[1:], strict=True):  # label token at position p is predicted at p - 1
-        v = valid[0, max(s - 1, 0) : e - 1]
-        out.append(float(nll[0, max(s - 1, 0) : e - 1][v].mean()))
-    return out
+        spans = [(r, slice(None)) for r in range(targets.shape[0])]
+    else:  # padding-free: one row; the label token at position p is predicted at p - 1
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [targets.shape[1] + 1]
+        spans = [(0, slice(max(s - 1, 0), e - 1)) for s, e in zip(starts[:-1], starts[1:], strict=True)]
+    return np.array([float(nll[r, sp][targets[r, sp] != -100].mean()) for r, sp in spans])
 
 
-def loss_check(padded_trainer, free_trainer, rows: int) -> dict:
+def loss_check(padded_trainer, free_trainer, rows: int) -> float:
+    """Print and return max |padded - padding-free| per-example loss over the first `rows` train examples."""
     from accelerate.utils import extract_model_from_parallel
 
     # fp32: after training, accelerate leaves a bf16-autocast wrapper on forward when the recipe trains in bf16, and
     # bf16 rounding (different for different batch shapes) would hide or fake a leak across packed sequences.
-    model = extract_model_from_parallel(free_trainer.model, keep_fp32_wrapper=False)
-    model.eval()
+    model = extract_model_from_parallel(free_trainer.model, keep_fp32_wrapper=False).eval()
     examples = [free_trainer.train_dataset[i] for i in range(rows)]
-    padded = padded_trainer.data_collator(examples)
     free = free_trainer.data_collator(examples)
-    a = np.array(per_example_losses(model, padded))
-    b = np.array(per_example_losses(model, free))
-    leaky = dict(free)
-    leaky["position_ids"] = torch.arange(free["input_ids"].shape[1])[None]  # no restarts: attends across examples
-    # split by the real boundaries, but run the model with the non-restarting positions
-    with torch.no_grad():
-        logits = model(input_ids=leaky["input_ids"], position_ids=leaky["position_ids"], use_cache=False).logits
-    starts = (free["position_ids"][0] == 0).nonzero().flatten().tolist() + [free["labels"].shape[1]]
-    logp = torch.log_softmax(logits.float()[:, :-1], -1)
-    targets = free["labels"][:, 1:]
-    nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    c = np.array([float(nll[0, max(s - 1, 0) : e - 1][targets[0, max(s - 1, 0) : e - 1] != -100].mean())
-                  for s, e in zip(starts[:-1], starts[1:], strict=True)])
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
-    return {"rows": rows, "max_diff": float(np.abs(a - b).max()), "leaky_max_diff": float(np.abs(a - c).max()),
-            "attn": attn, "padded_losses": a[:4].round(4).tolist(), "free_losses": b[:4].round(4).tolist()}
+    a = per_example_losses(model, padded_trainer.data_collator(examples))
+    b = per_example_losses(model, free)
+    # no restarts: the packed examples attend to each other (split by the real boundaries all the same)
+    c = per_example_losses(model, free, positions=torch.arange(free["input_ids"].shape[1])[None])
+    diff = float(np.abs(a - b).max())
+    print(f"loss check ({rows} examples, attention {getattr(model.config, '_attn_implementation', '?')}, fp32): max "
+          f"|padded - padding-free| per-example loss {diff:.2e} (goal <= 1e-4: {'met' if diff <= 1e-4 else 'MISSED'})"
+          f"; with attention across sequences (positions not restarted) {float(np.abs(a - c).max()):.2e}; first "
+          f"losses padded {a[:4].round(4).tolist()}, padding-free {b[:4].round(4).tolist()}")
+    return diff
+
+
+def run_mode(args, name: str, out_dir: str, prepared) -> tuple:
+    """(trainer, figures) of one mode: a fresh model trained --warmup + --steps steps with that batch layout."""
+    recipe = bench.recipe_from_args(args, out_dir)
+    recipe.training.padding_free, recipe.training.train_sampling_strategy, recipe.run.label_position_loss = MODES[name]
+    trainer = bench.pipeline_trainer(recipe, prepared)
+    mean_len = float(np.mean([len(x) for x in trainer.train_dataset["input_ids"]]))
+    frac, mean_frac, min_frac, nb = real_token_fraction(trainer)
+    clock, _ = bench.timed_train(trainer, args.warmup + args.steps)
+    s = clock.after(args.warmup)
+    samples = s["steps"] * recipe.training.per_device_train_batch_size * recipe.training.gradient_accumulation_steps
+    # random-order modes time the same examples; length-grouped batches differ, so samples/s is also given at the
+    # split's mean length (real tokens/s / mean tokens per example)
+    tps = s["tokens"] / s["wall"]
+    r = dict(frac=frac, min_frac=min_frac, sps=samples / s["wall"], cpu_sps=samples / s["cpu"],
+             cores=s["cpu"] / s["wall"], tps=tps, eq_sps=tps / mean_len, timed_len=s["tokens"] / samples,
+             load=sum(s["loads"]) / 2, mean_len=mean_len)
+    print(f"  {name}: real tokens {frac:.1%} (per batch mean {mean_frac:.1%}, min {min_frac:.1%}, {nb} batches); "
+          f"{r['sps']:.2f} samples/s ({r['timed_len']:.0f} real tokens each), {r['tps']:.0f} real tokens/s, "
+          f"{r['cpu_sps']:.2f} samples per CPU-s, {r['cores']:.2f} cores, load {r['load']:.2f}", flush=True)
+    return trainer, r
+
+
+def report(args, results: dict, bs: int, max_length: int) -> None:
+    """The comparison table, the chart and the ratios of the pairs of modes that ran."""
+    base = results.get("padded")
+    print(f"\nmean tokens per example {next(iter(results.values()))['mean_len']:.1f}; timed {args.steps} steps of {bs} "
+          f"examples after {args.warmup} warm-up steps")
+    rows = [[name, f"{r['frac']:.1%}", f"{r['min_frac']:.1%}", f"{r['sps']:.2f}", f"{r['timed_len']:.0f}",
+             f"{r['tps']:.0f}", f"{r['eq_sps']:.2f}", f"{r['cpu_sps']:.2f}",
+             f"{r['eq_sps'] / base['eq_sps']:.2f}x" if base else "-", f"{r['load']:.1f}"]
+            for name, r in results.items()]
+    print(bench.table(rows, ["mode", "real tokens", "worst batch", "samples/s", "tokens/sample (timed)",
+                             "real tokens/s", "samples/s at mean length", "samples per CPU-s", "vs padded", "load"]))
+    bench.bar_chart(args.plot, list(results), [r["eq_sps"] for r in results.values()],
+                    "training samples/s at the split's mean length (higher is better)",
+                    f"{Path(args.recipe).name}: batch {bs}, max_length {max_length}")
+    for a, b, what in pairs(results):
+        ra, rb = results[a], results[b]
+        print(f"{what}: {ra['eq_sps'] / rb['eq_sps']:.2f}x samples/s at the mean length "
+              f"({ra['sps'] / rb['sps']:.2f}x raw samples/s, {ra['cpu_sps'] / rb['cpu_sps']:.2f}x per CPU-second)")
+
+
+def pairs(results: dict) -> list[tuple[str, str, str]]:
+    return [(a, b, what) for a, b, what in PAIRS if a in results and b in results]
+
+
+def summary(results: dict, diff: float | None) -> str:
+    parts = [f"{label} real tokens {results[m]['frac']:.1%}" for m, label in (("free", "padding-free"),
+                                                                             ("padded", "padded")) if m in results]
+    parts += [f"{what} {results[a]['eq_sps']:.2f} vs {results[b]['eq_sps']:.2f} samples/s "
+              f"({results[a]['eq_sps'] / results[b]['eq_sps']:.2f}x)" for a, b, what in pairs(results)]
+    return "SUMMARY train_tokens: " + "; ".join(parts + ([f"loss diff {diff:.1e}"] if diff is not None else []))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sft.train import prepare
+    from sft.run import prepare
 
-    start_training_bench()
+    bench.start_training_bench()
+    results, kept, diff = {}, {}, None
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = build_recipe(args, tmp, [])
+        recipe = bench.recipe_from_args(args, tmp)
         prepared = prepare(recipe)
-        tokenizer, template, splits, train_ds = (prepared.tokenizer, prepared.template, prepared.splits,
-                                                 prepared.train_records)
-        texts = splits["train"]["text"]
-        chars = np.array([len(t) for t in texts])
-        bs = recipe.training.per_device_train_batch_size * recipe.training.gradient_accumulation_steps
-        print(f"recipe {args.recipe}: model {recipe.model.model_name_or_path}"
-              f"{' (' + recipe.loading.gguf_file + ')' if recipe.loading.gguf_file else ''}, "
-              f"{'LoRA r ' + str(recipe.model.lora_r) if recipe.model.use_peft else 'full fine-tuning'}, "
-              f"attention {recipe.model.attn_implementation}, dtype {recipe.model.dtype}, max_length "
-              f"{template.max_length}, batch {recipe.training.per_device_train_batch_size} x "
-              f"{recipe.training.gradient_accumulation_steps} accumulation")
-        print(f"train rows {len(texts)}: characters median {np.median(chars):.0f}, p90 {np.percentile(chars, 90):.0f}, "
-              f"max {chars.max()}")
-
-        results, trainers = {}, {}
+        bench.describe(recipe, prepared)
         for name in args.modes:
-            free, strategy, head = MODES[name]
-            trainer = pipeline_trainer(build_recipe(args, tmp, []), tokenizer, template, train_ds, free, strategy, head)
-            if name in ("padded", "free"):
-                trainers[name] = trainer
-            lengths = np.array([len(x) for x in trainer.train_dataset["input_ids"]])
-            frac, mean_frac, min_frac, nb = real_token_fraction(trainer)
-            clock = StepClock(trainer)
-            trainer.add_callback(clock)
-            trainer.args.max_steps = args.warmup + args.steps
-            trainer.train()
-            (w0, c0, l0, n0), (w1, c1, l1, n1) = clock.marks[args.warmup - 1], clock.marks[-1]
-            steps = len(clock.marks) - args.warmup
-            samples = steps * bs
-            tokens_per_sample = lengths.mean()
-            # random-order modes time the same examples; length-grouped batches differ, so samples/s is also given
-            # at the split's mean length (real tokens/s / mean tokens per example)
-            tps = (n1 - n0) / (w1 - w0)
-            results[name] = dict(frac=frac, mean_frac=mean_frac, min_frac=min_frac, batches=nb,
-                                 sps=samples / (w1 - w0), cpu_sps=samples / (c1 - c0), cores=(c1 - c0) / (w1 - w0),
-                                 tps=tps, eq_sps=tps / tokens_per_sample, timed_len=(n1 - n0) / samples,
-                                 load=(l0 + l1) / 2)
-            r = results[name]
-            print(f"  {name}: real tokens {frac:.1%} (per batch mean {mean_frac:.1%}, min {min_frac:.1%}, "
-                  f"{nb} batches); "
-                  f"{r['sps']:.2f} samples/s ({r['timed_len']:.0f} real tokens each), {r['tps']:.0f} real tokens/s, "
-                  f"{r['cpu_sps']:.2f} samples per CPU-s, {r['cores']:.2f} cores, load {r['load']:.2f}", flush=True)
-            if name not in trainers:
-                del trainer
-
-        print(f"\nmean tokens per example {tokens_per_sample:.1f}; timed {args.steps} steps of {bs} examples after "
-              f"{args.warmup} warm-up steps")
-        base = results.get("padded")
-        rows = []
-        for name, r in results.items():
-            rows.append([name, f"{r['frac']:.1%}", f"{r['min_frac']:.1%}", f"{r['sps']:.2f}", f"{r['timed_len']:.0f}",
-                         f"{r['tps']:.0f}", f"{r['eq_sps']:.2f}", f"{r['cpu_sps']:.2f}",
-                         f"{r['eq_sps'] / base['eq_sps']:.2f}x" if base else "-", f"{r['load']:.1f}"])
-        print(table(rows, ["mode", "real tokens", "worst batch", "samples/s", "tokens/sample (timed)",
-                           "real tokens/s", "samples/s at mean length", "samples per CPU-s", "vs padded", "load"]))
-        if args.plot:
-            bar_chart(args.plot, list(results), [r["eq_sps"] for r in results.values()],
-                      "training samples/s at the split's mean length (higher is better)",
-                      f"{Path(args.recipe).name}: batch {bs}, max_length {template.max_length}")
-            print(f"chart written to {args.plot}")
-        pairs = [("free", "padded", "padding-free vs padded"), ("padded+len", "padded", "length-grouped vs padded"),
-                 ("padded", "padded, head everywhere", "label-position head (padded)"),
-                 ("free", "free, head everywhere", "label-position head (padding-free)"),
-                 ("free", "padded, head everywhere", "pipeline vs TRL defaults (padded, head everywhere)")]
-        for a, b, what in pairs:
-            if a in results and b in results:
-                print(f"{what}: {results[a]['eq_sps'] / results[b]['eq_sps']:.2f}x samples/s at the mean length "
-                      f"({results[a]['sps'] / results[b]['sps']:.2f}x raw samples/s, "
-                      f"{results[a]['cpu_sps'] / results[b]['cpu_sps']:.2f}x per CPU-second)")
-
-        check = None
-        if "padded" in trainers and "free" in trainers:
-            check = loss_check(trainers["padded"], trainers["free"], args.check_rows)
-            print(f"loss check ({check['rows']} examples, attention {check['attn']}, fp32): max |padded - "
-                  f"padding-free| per-example loss {check['max_diff']:.2e} (goal <= 1e-4: "
-                  f"{'met' if check['max_diff'] <= 1e-4 else 'MISSED'}); with attention across sequences "
-                  f"(positions not restarted) {check['leaky_max_diff']:.2e}; first losses padded "
-                  f"{check['padded_losses']}, padding-free {check['free_losses']}")
-
-    free, padded = results.get("free"), results.get("padded")
-    parts = []
-    if free:
-        parts.append(f"padding-free real tokens {free['frac']:.1%}")
-    if free and padded:
-        parts.append(f"padded {padded['frac']:.1%}; padding-free {free['eq_sps']:.2f} vs padded {padded['eq_sps']:.2f} "
-                     f"samples/s ({free['eq_sps'] / padded['eq_sps']:.2f}x)")
-    if "padded+len" in results and padded:
-        parts.append(f"length-grouped padded {results['padded+len']['eq_sps'] / padded['eq_sps']:.2f}x")
-    if free and "free, head everywhere" in results:
-        parts.append(f"label-position head {free['eq_sps'] / results['free, head everywhere']['eq_sps']:.2f}x")
-    if check:
-        parts.append(f"loss diff {check['max_diff']:.1e}")
-    print("SUMMARY train_tokens: " + "; ".join(parts))
+            trainer, results[name] = run_mode(args, name, tmp, prepared)
+            if name in ("padded", "free"):  # kept for the loss check; the others are freed before the next mode
+                kept[name] = trainer
+            del trainer
+        bs = recipe.training.per_device_train_batch_size * recipe.training.gradient_accumulation_steps
+        report(args, results, bs, prepared.template.max_length)
+        if "padded" in kept and "free" in kept:
+            diff = loss_check(kept["padded"], kept["free"], args.check_rows)
+    print(summary(results, diff))
     return 0
 
 

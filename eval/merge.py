@@ -11,23 +11,18 @@ The merged model is then reloaded from disk and must give the adapter's label pr
 `--tolerance`; otherwise nothing is kept and the exit code is 1. Everything is written to OUT.tmp and renamed.
 """
 
-import os
-import sys
-
-if __name__ == "__main__":  # run as a script: keep eval/ off sys.path, or eval/evaluate.py shadows `evaluate`
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-
 import argparse
-import json
+import dataclasses
 import logging
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from eval.predict import DEMO_TEXTS
-from eval.scoring import score_texts
+from sft.predictor import DEMO_TEXTS
+from sft.scoring import score_texts
 
 logger = logging.getLogger("eval.merge")
 
@@ -42,15 +37,14 @@ VERIFY_TEXTS = (*DEMO_TEXTS, "酒店位置很好，" * 40)  # the demo reviews a
 def merge(adapter: str, out: str, dtype: str = "float32", tolerance: float = 1e-3, base: str | None = None,
           overwrite: bool = False, device=None) -> float:
     """Merge, save to OUT.tmp, reload, compare, rename to OUT. Returns the largest probability difference."""
-    import yaml
-
-    from sft.model import RUN_INFO_FILE, load_for_inference, read_run_info
+    from sft import artifacts
+    from sft.model import load_for_inference
     from sft.model_card import write_model_card
 
-    run_info = read_run_info(adapter)
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise ValueError(f"{adapter}: no adapter_config.json; this is already a full model (kind "
-                         f"{run_info.get('kind')!r}), nothing to merge")
+    run_info = artifacts.RunInfo.load(adapter)
+    if not artifacts.is_adapter(adapter):
+        raise ValueError(f"{adapter}: no {artifacts.ADAPTER_CONFIG_FILE}; this is already a full model (kind "
+                         f"{run_info.kind!r}), nothing to merge")
     target, tmp = Path(out), Path(f"{out}.tmp")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -64,11 +58,11 @@ def merge(adapter: str, out: str, dtype: str = "float32", tolerance: float = 1e-
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     template.save(tmp)
-    if (Path(adapter) / "recipe.yaml").is_file():
-        shutil.copy(Path(adapter) / "recipe.yaml", tmp / "recipe.yaml")
-    info = {**run_info, "kind": "merged", "adapter_kind": run_info.get("kind"), "merged_from": str(adapter),
-            "merged_dtype": dtype, "gguf_file": None}
-    (tmp / RUN_INFO_FILE).write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    if (Path(adapter) / artifacts.RECIPE_FILE).is_file():
+        shutil.copy(Path(adapter) / artifacts.RECIPE_FILE, tmp / artifacts.RECIPE_FILE)
+    info = dataclasses.replace(run_info, kind="merged", adapter_kind=run_info.kind, merged_from=str(adapter),
+                               merged_dtype=dtype, gguf_file=None)
+    info.save(tmp)
     del model, merged
 
     reloaded, tokenizer, template = load_for_inference(str(tmp), None, dtype, device)
@@ -82,9 +76,7 @@ def merge(adapter: str, out: str, dtype: str = "float32", tolerance: float = 1e-
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
-    recipe_file = target / "recipe.yaml"
-    recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else {}
-    write_model_card(target, info, recipe or {}, None)  # after the rename: the card shows the final path
+    write_model_card(target, dataclasses.asdict(info), artifacts.read_recipe(target))  # after the rename: final path
     logger.info("merged %s into %s (max label-probability difference %.2g)", adapter, out, diff)
     return diff
 

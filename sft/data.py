@@ -25,6 +25,8 @@ from typing import Any
 
 import datasets
 
+from sft.artifacts import REJECTS_FILE
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
@@ -32,7 +34,8 @@ SPLIT_STEMS = {"train": ("train",), "validation": ("dev", "validation"), "test":
 SUPPORTED = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
 TEXT_COLUMNS = ("text", "text_a", "review", "sentence")
 LABEL_COLUMNS = ("label", "labels")
-# Default accepted spellings per class when no raw label names are configured: class i also accepts "i".
+# The project's one list of label spellings. Read from files when no raw label names are configured (class i also
+# accepts "i"); the first spelling is the default verbalizer (template.py), the second the plots' English name.
 DEFAULT_LABEL_NAMES = (("负面", "negative", "neg"), ("正面", "positive", "pos"))
 MAX_LISTED = 10  # bad rows listed in one exception message
 FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
@@ -124,10 +127,11 @@ def _pick(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
     return next((lowered[a] for a in aliases if a in lowered), None)
 
 
-def _locate(columns: Sequence[str], what: str = "column") -> tuple[str, str, str | None]:
+def _locate(columns: Sequence[str], what: str = "column", labelled: bool = True) -> tuple[str, str, str | None]:
     """Pick the text and label columns by alias; the third item says what is missing, if anything."""
     text_col, label_col = _pick(columns, TEXT_COLUMNS), _pick(columns, LABEL_COLUMNS)
-    for col, kind, aliases in ((label_col, "label", LABEL_COLUMNS), (text_col, "text", TEXT_COLUMNS)):
+    needed = ((label_col, "label", LABEL_COLUMNS),) if labelled else ()
+    for col, kind, aliases in (*needed, (text_col, "text", TEXT_COLUMNS)):
         if col is None:
             found = ", ".join(repr(c) for c in columns) or "none"
             hint = " (wrong delimiter?)" if len(columns) == 1 and any(d in columns[0] for d in ";,\t|") else ""
@@ -148,7 +152,7 @@ def _decode(path: Path) -> str:
                         "re-save the file as UTF-8") from e
 
 
-def _read_delimited(path: Path, text: str) -> Iterator[_Row]:
+def _read_delimited(path: Path, text: str, labelled: bool = True) -> Iterator[_Row]:
     """TSV (ERNIE layout, no quoting: reviews contain quotes) or CSV (normal quoting). Header is line 1."""
     tsv = path.suffix.lower() == ".tsv"
     quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
@@ -158,10 +162,10 @@ def _read_delimited(path: Path, text: str) -> Iterator[_Row]:
     end = 0
     try:
         header = next(reader, [])
-        text_col, label_col, missing = _locate(header)
+        text_col, label_col, missing = _locate(header, labelled=labelled)
         if missing:
             raise DataError(f"{path}:1: {missing}")
-        ti, li = header.index(text_col), header.index(label_col)
+        ti, li = header.index(text_col), header.index(label_col) if label_col else None
         end = reader.line_num
         for fields in reader:
             line, end = end + 1, reader.line_num  # first physical line of this record
@@ -174,24 +178,24 @@ def _read_delimited(path: Path, text: str) -> Iterator[_Row]:
                            f"{_short(raw)}")
                 yield _Row(line, raw, problem=problem)
                 continue
-            yield _Row(line, raw, fields[ti], fields[li], text_col, label_col)
+            yield _Row(line, raw, fields[ti], None if li is None else fields[li], text_col, label_col)
     except csv.Error as e:
         raise DataError(f"{path}:{end + 1}: malformed CSV ({e})") from e
 
 
-def _json_row(line: int, raw: str, obj: Any) -> _Row:
+def _json_row(line: int, raw: str, obj: Any, labelled: bool = True) -> _Row:
     if not isinstance(obj, dict):
         return _Row(line, raw, problem=f"expected a JSON object, got {type(obj).__name__}: {_short(raw)}")
-    text_col, label_col, missing = _locate(list(obj), "key")
+    text_col, label_col, missing = _locate(list(obj), "key", labelled)
     if missing:
         return _Row(line, raw, problem=missing)
-    return _Row(line, raw, obj[text_col], obj[label_col], text_col, label_col)
+    return _Row(line, raw, obj[text_col], obj.get(label_col), text_col, label_col)
 
 
-def _read_json(path: Path, text: str) -> Iterator[_Row]:
+def _read_json(path: Path, text: str, labelled: bool = True) -> Iterator[_Row]:
     """JSON lines (one object per line), or for .json also one JSON array of objects."""
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        yield from _read_json_array(path, text)
+        yield from _read_json_array(path, text, labelled)
         return
     for line, raw in enumerate(text.split("\n"), 1):
         raw = raw.rstrip("\r")
@@ -202,10 +206,10 @@ def _read_json(path: Path, text: str) -> Iterator[_Row]:
         except json.JSONDecodeError as e:
             yield _Row(line, raw, problem=f"malformed JSON ({e.msg} at column {e.colno}): {_short(raw)}")
             continue
-        yield _json_row(line, raw, obj)
+        yield _json_row(line, raw, obj, labelled)
 
 
-def _read_json_array(path: Path, text: str) -> Iterator[_Row]:
+def _read_json_array(path: Path, text: str, labelled: bool = True) -> Iterator[_Row]:
     """Decode the array one element at a time so that every object keeps the line it starts on."""
     decoder, ws = json.JSONDecoder(), re.compile(r"[ \t\r\n]*")
     pos = ws.match(text, text.index("[") + 1).end()
@@ -216,7 +220,7 @@ def _read_json_array(path: Path, text: str) -> Iterator[_Row]:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
-        yield _json_row(line, text[pos:end], obj)
+        yield _json_row(line, text[pos:end], obj, labelled)
         pos = ws.match(text, end).end()
         if text.startswith(",", pos):
             pos = ws.match(text, pos + 1).end()
@@ -227,12 +231,13 @@ def _read_json_array(path: Path, text: str) -> Iterator[_Row]:
         raise DataError(f"{path}: malformed JSON array (data after the closing ']')")
 
 
-def _read_columns(source: str, columns: dict[str, list]) -> Iterator[_Row]:
+def _read_columns(source: str, columns: dict[str, list], labelled: bool = True) -> Iterator[_Row]:
     """Column-oriented data (parquet, hub datasets); 'line' is the 1-based row number."""
-    text_col, label_col, missing = _locate(list(columns))
+    text_col, label_col, missing = _locate(list(columns), labelled=labelled)
     if missing:
         raise DataError(f"{source}: {missing}")
-    for i, (text, label) in enumerate(zip(columns[text_col], columns[label_col], strict=True), 1):
+    labels = columns[label_col] if label_col else [None] * len(columns[text_col])
+    for i, (text, label) in enumerate(zip(columns[text_col], labels, strict=True), 1):
         raw = json.dumps({text_col: text, label_col: label}, ensure_ascii=False, default=str)
         yield _Row(i, raw, text, label, text_col, label_col)
 
@@ -279,30 +284,48 @@ def _validate(source: str, rows: Iterator[_Row], label_names: Sequence[str] | No
     return examples, rejects
 
 
-def read_examples(path: str | Path, label_names: Sequence[str] | None = None,
-                  on_bad_rows: str = "error") -> tuple[list[dict], list[dict]]:
-    """Read one data file into ([{text, label}], [rejected {file, line, reason, raw}])."""
-    path = Path(path)
+def _file_rows(path: Path, labelled: bool = True) -> Iterator[_Row]:
+    """The records of one file in any supported format (.txt too when no labels are wanted: a text per line)."""
+    ext = path.suffix.lower()
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    ext = path.suffix.lower()
-    if ext not in SUPPORTED:
-        raise DataError(f"{path}: unsupported file extension '{ext}' (supported: {', '.join(SUPPORTED)})")
+    supported = SUPPORTED if labelled else (*SUPPORTED, ".txt")
+    if ext not in supported:
+        raise DataError(f"{path}: unsupported file extension '{ext}' (supported: {', '.join(supported)})")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty (0 bytes)")
     if ext == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            rows = _read_columns(str(path), pq.read_table(path).to_pydict())
+            return _read_columns(str(path), pq.read_table(path).to_pydict(), labelled)
         except Exception as e:  # pyarrow raises several types; none should escape as a bare traceback
             raise DataError(f"{path}: cannot read parquet file ({type(e).__name__}: {e})") from e
-    else:
-        text = _decode(path)
-        if not text.strip():
-            raise DataError(f"{path}: file is empty (only whitespace)")
-        rows = _read_delimited(path, text) if ext in (".tsv", ".csv") else _read_json(path, text)
-    return _validate(str(path), rows, label_names, on_bad_rows, "row " if ext == ".parquet" else "")
+    text = _decode(path)
+    if ext == ".txt":
+        return iter([_Row(n, line, line) for n, line in enumerate(text.splitlines(), 1)])
+    if not text.strip():
+        raise DataError(f"{path}: file is empty (only whitespace)")
+    return _read_delimited(path, text, labelled) if ext in (".tsv", ".csv") else _read_json(path, text, labelled)
+
+
+def read_examples(path: str | Path, label_names: Sequence[str] | None = None,
+                  on_bad_rows: str = "error") -> tuple[list[dict], list[dict]]:
+    """Read one data file into ([{text, label}], [rejected {file, line, reason, raw}])."""
+    path = Path(path)
+    rows = _file_rows(path)
+    return _validate(str(path), rows, label_names, on_bad_rows, "row " if path.suffix.lower() == ".parquet" else "")
+
+
+def read_texts(path: str | Path) -> tuple[list[tuple[int, str]], int]:
+    """Texts to classify, labels not needed: ([(line, text)], blank entries skipped). The same readers and column
+    names as training data; a malformed record is an error naming file:line, a blank text a counted skip."""
+    rows = list(_file_rows(Path(path), labelled=False))
+    for row in rows:
+        if row.problem or not isinstance(row.text, str):
+            raise DataError(f"{path}:{row.line}: {row.problem or f'text must be a string, got {_short(row.text)}'}")
+    kept = [(row.line, row.text) for row in rows if row.text.strip()]
+    return kept, len(rows) - len(kept)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -424,7 +447,7 @@ def load_splits(args: DataArguments, splits: Sequence[str] = SPLITS, rejects_pat
 
     report: dict[str, Any] = {"files": {s: str(p) for s, p in files.items() if s in rows}, "rejected_rows": 0}
     if rejects:
-        out = Path(rejects_path or args.rejects_file or "rejected_rows.jsonl")
+        out = Path(rejects_path or args.rejects_file or REJECTS_FILE)
         report.update(rejected_rows=len(rejects), rejects_file=str(out))
         if write_rejects:
             write_rejects_file(out, rejects)
@@ -534,6 +557,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.json).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def audit_main(argv: Sequence[str] | None = None) -> int:
+    """The `sentiment-audit` console command: `python -m sft.data audit` without the subcommand word."""
+    return main(["audit", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

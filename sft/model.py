@@ -9,9 +9,7 @@ dtype "auto" and the storage dtype FSDP/ZeRO-3 need).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,27 +83,6 @@ def lora_config(model_args, loading: LoadingArguments, num_hidden_layers: int):
                              f"({model_args.model_name_or_path} has {num_hidden_layers} layers)")
     config.layers_to_transform = sorted(set(layers))
     return config
-
-
-def init_cpu_distributed() -> bool:
-    """Make a multi-process `accelerate launch` (DDP or DeepSpeed) run real gloo ranks on a CPU-only machine.
-
-    accelerate 1.15 picks the process-group backend from the GPU it finds; with none, `PartialState()` silently
-    falls back to one process per rank (each rank then trains alone and all of them write the output). Creating the
-    shared state first, on gloo, fixes that; TrainingArguments then reuses it (accelerator_config.
-    use_configured_state) and evaluation shards across it. Returns True when it did so; a no-op on GPU machines and
-    in single-process runs.
-    """
-    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if not launched or torch.cuda.is_available():
-        return False
-    from accelerate import PartialState
-
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        PartialState(backend="gloo")  # DeepSpeed's own init_distributed, on gloo
-    else:
-        PartialState(cpu=True)  # MULTI_CPU on gloo: DistributedDataParallel over CPU ranks
-    return True
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -225,38 +202,20 @@ def load_model(name_or_path: str, **kwargs):
 
 
 # ----- inference: the output directory of a training run is all a user needs ------------------------------------
-RUN_INFO_FILE = "run_info.json"
-# Config fields that must agree between an adapter's base and the model it is applied to.
-BASE_SIGNATURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-
-
-def base_signature(config) -> dict:
-    return {key: getattr(config, key, None) for key in BASE_SIGNATURE_KEYS}
-
-
-def read_run_info(adapter_dir: str | Path) -> dict:
-    path = Path(adapter_dir) / RUN_INFO_FILE
-    if not Path(adapter_dir).is_dir():
-        raise FileNotFoundError(f"{adapter_dir}: adapter directory does not exist")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; {adapter_dir} is not an output directory of sft/train.py")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def check_base_matches(adapter_dir: str | Path, run_info: dict, base: str, base_config) -> None:
+def check_base_matches(adapter_dir: str | Path, run_info, base: str, base_config) -> None:
     """An adapter applied to another architecture or vocabulary fails deep inside PEFT or, worse, loads and is wrong."""
-    expected = run_info.get("base_signature") or {}
+    from sft.artifacts import base_signature
+
+    expected = run_info.base_signature or {}
     found = base_signature(base_config)
     diffs = [f"{k}: adapter {expected[k]} vs base {found[k]}" for k in expected if expected[k] != found.get(k)]
     if diffs:
         raise ModelLoadError(
-            f"{adapter_dir}: adapter was trained on {run_info.get('base_model')!r}, which does not match --base "
+            f"{adapter_dir}: adapter was trained on {run_info.base_model!r}, which does not match --base "
             f"{base!r} ({'; '.join(diffs)})"
         )
-    if base != run_info.get("base_model"):
-        logger.warning(
-            "applying %s (trained on %s) to %s: same architecture", adapter_dir, run_info["base_model"], base
-        )
+    if base != run_info.base_model:
+        logger.warning("applying %s (trained on %s) to %s: same architecture", adapter_dir, run_info.base_model, base)
 
 
 def load_for_inference(
@@ -272,40 +231,50 @@ def load_for_inference(
     prompt template; `adapter_dir=None` scores `base` zero-shot with the default template. A QLoRA adapter is
     applied to the base loaded unquantised in `dtype`.
     """
-    from transformers import AutoConfig
-
-    from sft.sources import recorded_base, resolve_model
+    from sft.artifacts import RunInfo, is_adapter
+    from sft.sources import resolve_model
     from sft.template import PromptTemplate
 
-    torch_dtype = resolve_dtype(dtype)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    common = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype}
+    common = {"trust_remote_code": trust_remote_code, "dtype": resolve_dtype(dtype), "use_safetensors": True}
     if adapter_dir is None:
         if base is None:
             raise ValueError("zero-shot scoring (--adapter none) needs --base MODEL")
         folder = resolve_model(base)
-        model = load_model(folder, use_safetensors=True, **common)
-        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        model, tokenizer = load_model(folder, **common), load_tokenizer(folder, **_trc(common))
         template = PromptTemplate()
     else:
-        run_info = read_run_info(adapter_dir)
+        run_info = RunInfo.load(adapter_dir)
         template = PromptTemplate.load(adapter_dir)
-        tokenizer = load_tokenizer(adapter_dir, trust_remote_code=trust_remote_code)
-        if (Path(adapter_dir) / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            recorded = base is None
-            base = base or recorded_base(run_info, adapter_dir)
-            folder = resolve_model(base, run_info.get("gguf_file") if recorded else None, Path(adapter_dir))
-            config = from_pretrained(AutoConfig, folder, trust_remote_code=trust_remote_code)
-            check_base_matches(adapter_dir, run_info, run_info["base_model"] if recorded else base, config)
-            try:
-                model = PeftModel.from_pretrained(load_model(folder, use_safetensors=True, **common), adapter_dir)
-            except RuntimeError as e:  # weights of another shape: PEFT's multi-line size-mismatch report
-                if "size mismatch" not in str(e):
-                    raise
-                detail = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)
-                raise ModelLoadError(f"{adapter_dir}: adapter does not fit base {base!r} ({detail})") from None
-        else:  # full fine-tune: the directory is a complete model
-            model = load_model(str(adapter_dir), use_safetensors=True, **common)
+        tokenizer = load_tokenizer(adapter_dir, **_trc(common))
+        if is_adapter(adapter_dir):
+            model = load_adapter(adapter_dir, run_info, base, common)
+        else:  # full fine-tune or merged: the directory is a complete model
+            model = load_model(str(adapter_dir), **common)
     return model.to(device).eval(), tokenizer, template
+
+
+def _trc(common: dict) -> dict:
+    return {"trust_remote_code": common["trust_remote_code"]}
+
+
+def load_adapter(adapter_dir: str, run_info, base: str | None, common: dict):
+    """The base (recorded in run_info.json unless `base` overrides it), checked against the adapter's signature,
+    with the LoRA adapter applied."""
+    from peft import PeftModel
+    from transformers import AutoConfig
+
+    from sft.sources import recorded_base, resolve_model
+
+    recorded = base is None
+    base = base or recorded_base(run_info, adapter_dir)
+    folder = resolve_model(base, run_info.gguf_file if recorded else None, Path(adapter_dir))
+    config = from_pretrained(AutoConfig, folder, **_trc(common))
+    check_base_matches(adapter_dir, run_info, run_info.base_model if recorded else base, config)
+    try:
+        return PeftModel.from_pretrained(load_model(folder, **common), adapter_dir)
+    except RuntimeError as e:  # weights of another shape: PEFT's multi-line size-mismatch report
+        if "size mismatch" not in str(e):
+            raise
+        detail = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)
+        raise ModelLoadError(f"{adapter_dir}: adapter does not fit base {base!r} ({detail})") from None

@@ -237,12 +237,12 @@ def base_location(spec: str, final_dir: Path) -> dict | None:
     return {"absolute": str(absolute), "relative_to_adapter": os.path.relpath(absolute, final_dir.resolve())}
 
 
-def recorded_base(run_info: dict, adapter_dir: str | Path) -> str:
+def recorded_base(run_info, adapter_dir: str | Path) -> str:
     """The base an adapter was trained on, as something `resolve_model` can load from here."""
-    spec = run_info.get("base_model")
+    spec = run_info.base_model
     if not spec:
         raise FileNotFoundError(f"{adapter_dir}: run_info.json records no base_model; pass the base explicitly")
-    local = run_info.get("base_model_local")
+    local = run_info.base_model_local
     if not local:
         return spec
     candidates = [Path(local["absolute"]), Path(adapter_dir) / local["relative_to_adapter"]]

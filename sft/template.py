@@ -14,11 +14,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-TEMPLATE_FILE = "template.json"
+from sft.artifacts import TEMPLATE_FILE
+from sft.data import DEFAULT_LABEL_NAMES
 
 DEFAULT_SYSTEM_PROMPT = "你是一个中文情感分析助手。"
 DEFAULT_INSTRUCTION = "请判断下面这条评论的情感倾向，只回答以下标签之一：{labels}。"
-DEFAULT_VERBALIZERS = ["负面", "正面"]
+DEFAULT_VERBALIZERS = [spellings[0] for spellings in DEFAULT_LABEL_NAMES]  # 负面, 正面
 
 
 class TemplateError(ValueError):
@@ -92,7 +93,7 @@ class PromptTemplate:
     # ----- tokens -------------------------------------------------------------------------------------------
     def prompt_ids(self, review: str, tokenizer) -> list[int]:
         """Token ids of the inference prompt (chat template + generation prompt) for an already fitted review."""
-        return _apply(tokenizer, self.prompt_messages(review), add_generation_prompt=True)
+        return chat_ids(tokenizer, self.prompt_messages(review), add_generation_prompt=True)
 
     def completion_budget(self, tokenizer) -> int:
         """Tokens the longest label turn adds after the generation prompt (label + end-of-turn + newline)."""
@@ -153,7 +154,7 @@ class PromptTemplate:
         return cls(**{**data, "verbalizers": tuple(data["verbalizers"])})
 
 
-def _apply(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+def chat_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
     """`apply_chat_template` returning a plain list of ids (transformers 5 returns a BatchEncoding by default)."""
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
@@ -163,7 +164,7 @@ def _apply(tokenizer, messages: list[dict[str, str]], add_generation_prompt: boo
 def _completion_budget(tokenizer, template: PromptTemplate) -> int:
     """Cached per (tokenizer object, template): it renders the chat template once per label."""
     prompt = template.prompt_messages("x")
-    base = len(_apply(tokenizer, prompt, add_generation_prompt=True))
+    base = len(chat_ids(tokenizer, prompt, add_generation_prompt=True))
     return max(
-        len(_apply(tokenizer, prompt + template.completion_messages(i))) - base for i in range(template.num_labels)
+        len(chat_ids(tokenizer, prompt + template.completion_messages(i))) - base for i in range(template.num_labels)
     )

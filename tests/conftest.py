@@ -63,7 +63,8 @@ def make_lora_adapter(base_dir: Path, out_dir: Path, seed: int = 0, template=Non
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from sft.model import RUN_INFO_FILE, base_signature, load_tokenizer
+    from sft.artifacts import RUN_INFO_FILE, base_signature
+    from sft.model import load_tokenizer
     from sft.template import PromptTemplate
 
     base = AutoModelForCausalLM.from_pretrained(base_dir)

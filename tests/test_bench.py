@@ -47,7 +47,8 @@ def test_gpu_memory_runs_as_a_cpu_smoke_test():
 
 def test_cpu_speed_knobs_runs(tiny_model_dir):
     lines = run_bench("cpu_speed_knobs.py", "--recipe", "recipes/demo.yaml", "--model_name_or_path",
-                      str(tiny_model_dir), "--steps", "1", "--warmup", "1", "--data_dir", str(SAMPLE))
+                      str(tiny_model_dir), "--max_train_samples", "24", "--batch_size", "4", "--steps", "1",
+                      "--warmup", "1", "--data_dir", str(SAMPLE))
     assert lines[-1].startswith("SUMMARY cpu_speed_knobs: recipe ")
     assert sum(line.startswith(("| recipe |", "| fp32 |", "| all layers |", "| fp32, all |")) for line in lines) == 4
 

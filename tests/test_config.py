@@ -1,5 +1,6 @@
 """Recipes: every shipped recipe parses; keys are the libraries' own; errors are one line each."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,70 @@ def test_checkpoint_defaults_suit_long_jobs(tmp_path):
     recipe = parse_recipe([str(path)])
     assert (recipe.training.save_steps, recipe.training.save_total_limit) == (100, 3)
     assert parse_recipe([str(path), "--save_steps", "7"]).training.save_steps == 7
+
+
+def test_override_spellings(tmp_path):
+    """TRL's --config, --key=value, the dashed --key-name, a bare boolean flag and a multi-valued key."""
+    demo = str(REPO / "recipes/demo.yaml")
+    recipe = parse_recipe(["--config", demo, "--lora_r=8", "--lora-alpha", "4", "--use_peft", "--no_dev_metrics",
+                           "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(tmp_path)])
+    assert (recipe.model.lora_r, recipe.model.lora_alpha, recipe.model.use_peft) == (8, 4, True)
+    assert recipe.model.lora_target_modules == ["q_proj", "v_proj"] and recipe.run.dev_metrics is False
+    assert recipe.path == demo and recipe.training.output_dir == str(tmp_path)
+    assert recipe.resolved["lora_target_modules"] == ["q_proj", "v_proj"] and recipe.resolved["lora_r"] == 8
+
+
+def test_yaml_aliases_and_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFT_TEST_VAR", "unset")
+    path = tmp_path / "r.yaml"
+    path.write_text("model_name_or_path: m\nenv: {SFT_TEST_VAR: 1}\nuse_qlora: true\nnum_epochs: 2\n", encoding="utf-8")
+    recipe = parse_recipe([str(path)])
+    assert recipe.model.load_in_4bit and recipe.model.use_peft and recipe.training.num_train_epochs == 2
+    assert "use_qlora" not in recipe.resolved and recipe.resolved["env"] == {"SFT_TEST_VAR": 1}
+    assert os.environ["SFT_TEST_VAR"] == "1"  # TRL's `env:` handling
+
+
+def test_runtime_wins_and_is_not_saved(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model_name_or_path: m\nlogging_steps: 5\nseed: 1\n", encoding="utf-8")
+    recipe = parse_recipe([str(path), "--seed", "2"], runtime={"seed": 3, "logging_steps": 9})
+    assert (recipe.training.seed, recipe.training.logging_steps) == (3, 9)
+    assert recipe.resolved == {"model_name_or_path": "m", "logging_steps": 5, "seed": 2}
+
+
+def test_resolved_recipe_loads_again(tmp_path):
+    recipe = parse_recipe([str(REPO / "recipes/qlora.yaml"), "--num_epochs", "2", "--lora_dropout", "0.1"])
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(dump_resolved(recipe), encoding="utf-8")
+    again = parse_recipe([str(saved)])
+    assert again.resolved == recipe.resolved
+    assert again.training.num_train_epochs == 2 and again.model.lora_dropout == 0.1
+    assert again.training.gradient_checkpointing_kwargs == {"use_reentrant": False}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bf16", "3"], "command line: key 'bf16': expected true/false, got 3"),
+        (["--on_bad_rows", "ignore"], "command line: key 'on_bad_rows': 'ignore' is not one of ['error', 'skip']"),
+        (["--lora_r", "x"], "command line: key 'lora_r': invalid value 'x'"),
+        (["--lora_r"], "command line: key 'lora_r': expected one argument"),
+        (["--lora_r", "8", "9"], "command line: unexpected arguments ['9'] (overrides are --key value)"),
+        (["--learning_rat=1"], "command line: unknown key 'learning_rat'; did you mean learning_rate?"),
+        (["--config"], "command line: --config needs a recipe path"),
+    ],
+)
+def test_cli_errors_are_one_line(extra, message):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe([str(REPO / "recipes/demo.yaml"), *extra])
+    assert str(err.value) == message
+
+
+def test_empty_recipe_and_list_items(tmp_path):
+    empty, bad_item = tmp_path / "empty.yaml", tmp_path / "bad.yaml"
+    empty.write_text("# nothing\n", encoding="utf-8")
+    bad_item.write_text("model_name_or_path: m\nlora_layers_to_transform: [1, x]\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match="empty.yaml: the recipe is empty"):
+        parse_recipe([str(empty)])
+    with pytest.raises(RecipeError, match="bad.yaml: key 'lora_layers_to_transform': invalid value 'x'"):
+        parse_recipe([str(bad_item)])

@@ -10,8 +10,8 @@ import pytest
 
 from eval.merge import VERIFY_TEXTS
 from eval.merge import main as merge_main
-from eval.scoring import score_texts
 from sft.model import load_for_inference
+from sft.scoring import score_texts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

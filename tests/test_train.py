@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sft.artifacts import check_adapter_weights
 from sft.config import parse_recipe
-from sft.run import check_adapter_weights
-from sft.train import train
+from sft.run import train
+from sft.trainer import left_align as left_align_original
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "sample"
@@ -70,9 +71,14 @@ def test_reloaded_adapter_gives_the_in_memory_logits(demo_run):
         assert not torch.allclose(base(input_ids=ids).logits, got, atol=1e-4)  # the adapter does something
 
 
+@pytest.mark.parametrize("num_items", [None, "label tokens"])
 @pytest.mark.parametrize("layout", ["padding-free", "padded"])
-def test_label_position_loss_equals_trl_loss(demo_run, layout):
+def test_label_position_loss_equals_trl_loss(demo_run, layout, num_items, monkeypatch):
+    """The label-position loss equals TRL's, and the label-position path really ran (a spy on left_align, which only
+    that path calls): an equality between TRL's loss and itself would prove nothing."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    import sft.trainer
 
     trainer, _, _ = demo_run
     collate = trainer.data_collator
@@ -80,14 +86,25 @@ def test_label_position_loss_equals_trl_loss(demo_run, layout):
         collate = DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id)
     batch = collate([trainer.train_dataset[i] for i in range(6)])
     assert ("attention_mask" in batch) == (layout == "padded")
+    # what Trainer passes during training: the number of label tokens in the whole (accumulated) batch
+    count = (batch["labels"][:, 1:] != -100).sum() if num_items else None
+    calls = []
+
+    def spy(inputs):
+        calls.append(1)
+        return left_align_original(inputs)
+
+    monkeypatch.setattr(sft.trainer, "left_align", spy)
     trainer.model.eval()  # no LoRA dropout: both losses see the same network
     with torch.no_grad():
-        ours = trainer.compute_loss(trainer.model, dict(batch))
+        ours = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=count)
+        assert calls == [1], "the label-position path did not run"
         trainer.label_position_loss = False
         try:
-            trl = trainer.compute_loss(trainer.model, dict(batch))
+            trl = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=count)
         finally:
             trainer.label_position_loss = True
+    assert calls == [1]
     assert ours.item() == pytest.approx(trl.item(), abs=1e-5)
 
 
@@ -220,6 +237,23 @@ def test_resume_with_another_template_is_refused(demo_run, tiny_model_dir, tmp_p
                       "--resume_from_checkpoint", "auto", "--verbalizers", "差评", "好评"])
     assert result.returncode == 2
     assert "recipe differs from the checkpoint's run (template:" in result.stderr
+
+
+def test_resume_with_another_lora_shape_is_refused(demo_run, tiny_model_dir, tmp_path):
+    """A checkpoint's LoRA weights mean something only with the same r, alpha, target modules and layers."""
+    import shutil
+
+    from sft.artifacts import ResumeError
+
+    _, _, reference_out = demo_run
+    for i, change in enumerate((["--lora_r", "8"], ["--lora_alpha", "8"], ["--lora_target_modules", "q_proj"],
+                                ["--lora_layers_to_transform", "1"])):
+        out = tmp_path / f"run{i}"
+        shutil.copytree(reference_out / "checkpoint-2", out / "checkpoint-2")
+        shutil.copy(reference_out / "run_snapshot.json", out / "run_snapshot.json")
+        key = change[0][2:]
+        with pytest.raises(ResumeError, match=f"recipe differs from the checkpoint's run .*{key}: checkpoint"):
+            train(parse_recipe(demo_argv(tiny_model_dir, out, "--resume_from_checkpoint", "auto", *change)))
 
 
 def test_demo_script_runs_from_the_command_line(tiny_model_dir, tmp_path):

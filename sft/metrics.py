@@ -6,26 +6,19 @@ Every returned value is JSON-ready (floats, ints, lists, None where a metric is 
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from sft.data import DEFAULT_LABEL_NAMES
 
 ECE_BINS = 10
 # English names for the plots when no CJK font is installed (DejaVu has no Chinese glyphs).
-ENGLISH_NAMES = {"负面": "negative", "正面": "positive", "中性": "neutral"}
+ENGLISH_NAMES = {spellings[0]: spellings[1] for spellings in DEFAULT_LABEL_NAMES}
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
              "SimHei", "Microsoft YaHei", "PingFang SC", "AR PL UMing CN")
-
-
-def _float(x) -> float | None:
-    x = float(x)
-    return None if math.isnan(x) else x
 
 
 def expected_calibration_error(gold: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> float:
@@ -168,14 +161,14 @@ def _figure(path: str | Path, font: str | None = None):
 
 def plot_roc(gold: Sequence[int], curves: dict[str, np.ndarray], path: str | Path, positive: int = 1) -> Path:
     """ROC curves of p(class `positive`) for each named probability matrix (e.g. model and baseline)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import RocCurveDisplay
 
     is_positive = np.asarray(gold) == positive
     with _figure(path) as (_, ax):
         if 0 < is_positive.sum() < len(is_positive):  # a ROC curve needs both classes
             for name, probs in curves.items():
-                fpr, tpr, _ = roc_curve(is_positive, probs[:, positive])
-                ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(is_positive, probs[:, positive]):.3f})")
+                shown = RocCurveDisplay.from_predictions(is_positive, probs[:, positive], ax=ax)
+                shown.line_.set_label(f"{name} (AUC {shown.roc_auc:.3f})")  # sklearn's own label rounds to 0.01
             ax.legend(loc="lower right")
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
@@ -185,35 +178,52 @@ def plot_roc(gold: Sequence[int], curves: dict[str, np.ndarray], path: str | Pat
 
 def plot_confusion(matrix: Sequence[Sequence[int]], label_names: Sequence[str], path: str | Path) -> Path:
     """Counts per (gold, predicted) cell; Chinese label names are shown only when a CJK font is installed."""
-    matrix = np.asarray(matrix)
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     names, font = display_names(label_names)
     with _figure(path, font) as (_, ax):
-        ax.imshow(matrix, cmap="Blues")
-        for (i, j), count in np.ndenumerate(matrix):
-            ax.text(j, i, str(count), ha="center", va="center",
-                    color="white" if count > matrix.max() / 2 else "black")
-        ax.set_xticks(range(len(names)), names)
-        ax.set_yticks(range(len(names)), names)
+        ConfusionMatrixDisplay(np.asarray(matrix), display_labels=names).plot(ax=ax, cmap="Blues", colorbar=False)
         ax.set(xlabel="predicted", ylabel="gold", title="confusion matrix")
     return Path(path)
 
 
 def plot_reliability(gold: Sequence[int], probs: np.ndarray, path: str | Path, n_bins: int = ECE_BINS) -> Path:
-    """Accuracy vs confidence (top-class probability) per equal-width bin, with the bin counts."""
+    """Accuracy vs mean confidence (top-class probability) per equal-width bin, with the bin counts."""
+    from sklearn.calibration import CalibrationDisplay
+
     gold, probs = np.asarray(gold), np.asarray(probs)
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == gold
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    centers = (np.arange(n_bins) + 0.5) / n_bins
-    counts = np.bincount(bins, minlength=n_bins)
-    accuracy = np.array([correct[bins == b].mean() if counts[b] else 0.0 for b in range(n_bins)])
     ece = expected_calibration_error(gold, probs, n_bins) if len(gold) else float("nan")
     with _figure(path) as (_, ax):
-        ax.bar(centers, accuracy, width=1 / n_bins, edgecolor="black", alpha=0.7, label="accuracy")
-        for x, acc, count in zip(centers, accuracy, counts, strict=True):
-            if count:
-                ax.text(x, acc + 0.01, str(count), ha="center", va="bottom", fontsize=7)
+        if len(gold):
+            shown = CalibrationDisplay.from_predictions(correct, confidence, n_bins=n_bins, ax=ax, ref_line=False,
+                                                        name="accuracy")
+            # the bin counts, binned as calibration_curve bins (right-closed edges), one per plotted (non-empty) bin
+            bins = np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], confidence)
+            counts = np.bincount(bins, minlength=n_bins)
+            for x, acc, count in zip(shown.prob_pred, shown.prob_true, counts[counts > 0], strict=True):
+                ax.text(x, acc + 0.015, str(count), ha="center", va="bottom", fontsize=7)
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
         ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.08),
                title=f"reliability (ECE {ece:.3f}, n={len(gold)})")
         ax.legend(loc="upper left")
+    return Path(path)
+
+
+def plot_loss_curve(log_history: list[dict], path: str | Path) -> Path:
+    """Training loss (and eval loss / dev accuracy when logged) against the step."""
+    with _figure(path) as (_, ax):
+        for key, style in (("loss", "-"), ("eval_loss", "o-")):
+            points = [(h["step"], h[key]) for h in log_history if key in h]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=key)
+        ax.set(xlabel="step", ylabel="loss", title="training curve")
+        accuracy = [(h["step"], h["eval_accuracy"]) for h in log_history if "eval_accuracy" in h]
+        if accuracy:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*accuracy, strict=True), "s--", color="tab:green", label="eval_accuracy")
+            ax2.set(ylabel="dev accuracy", ylim=(0, 1))
+            ax2.legend(loc="upper right")
+        if ax.get_legend_handles_labels()[0]:  # a run shorter than logging_steps logged no loss
+            ax.legend(loc="upper left")
     return Path(path)
