@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,17 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}")
     return getattr(torch, dtype)
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """x86 AVX512-BF16 / AMX-BF16 or Arm's BF16 extension. Without them, CPU bf16 autocast is emulated: on an AVX2
+    machine a SmolLM2 LoRA step took over 10 minutes instead of about 90 s in fp32. Unknown (no /proc) -> True."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return True
+    return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", cpuinfo) is not None
 
 
 def resolve_attn_implementation(requested: str | None) -> str:

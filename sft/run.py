@@ -120,6 +120,8 @@ def prepare(recipe) -> Prepared:
 
 def configure_training_args(args) -> None:
     """Settle the library defaults that would be wrong here."""
+    from sft.model import cpu_has_native_bf16
+
     if args.padding_free:
         # TRL refuses padding_free with max_length unless inputs are pre-truncated; the template already fits
         # every example into template.max_length, so TRL's own truncation is not needed.
@@ -128,6 +130,10 @@ def configure_training_args(args) -> None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # nothing to pin to without an accelerator
+        if args.bf16 and not cpu_has_native_bf16():
+            logger.warning("bf16: this CPU has no native bf16 (avx512_bf16 / amx_bf16), where autocast is emulated "
+                           "and many times slower: training in float32 instead (pass --bf16 false to silence this)")
+            args.bf16, args.mixed_precision = False, "no"
 
 
 def load_base_model(recipe, base: str):

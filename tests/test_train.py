@@ -168,15 +168,20 @@ def test_only_the_intended_parameters_change(tiny_model_dir, tmp_path, mode):
         assert json.loads((final / "run_info.json").read_text())["kind"] == "qlora"
 
 
-def test_lora_on_top_layers_with_cpu_bf16_autocast(tiny_model_dir, tmp_path):
-    """The CPU speed knobs of recipes/cpu_smollm2_lora.yaml: LoRA on chosen layers only, bf16 autocast on CPU."""
+def test_lora_on_top_layers_with_cpu_bf16_autocast(tiny_model_dir, tmp_path, monkeypatch):
+    """The CPU speed knobs of recipes/cpu_smollm2_lora.yaml: LoRA on chosen layers only, bf16 autocast on CPU (kept
+    also where this machine would emulate it: the tiny model costs nothing)."""
+    import sft.model
     from sft.model import ModelLoadError
+
+    monkeypatch.setattr(sft.model, "cpu_has_native_bf16", lambda: True)
 
     recipe = parse_recipe(demo_argv(tiny_model_dir, tmp_path, "--max_steps", "2", "--eval_strategy", "no",
                                     "--lora_layers_to_transform", "1", "--use_cpu", "true", "--bf16", "true"))
     assert recipe.training.bf16 and recipe.training.use_cpu  # kept: the recipe asked for CPU autocast
     assert not parse_recipe(demo_argv(tiny_model_dir, tmp_path, "--bf16", "true")).training.bf16  # GPU recipe on CPU
     trainer, final = train(recipe)
+    assert trainer.args.bf16 and trainer.accelerator.mixed_precision == "bf16"
     lora = [n for n, p in trainer.model.named_parameters() if "lora_" in n]
     assert lora and all(".layers.1." in n for n in lora)
     assert json.loads((final / "adapter_config.json").read_text())["layers_to_transform"] == [1]
@@ -339,3 +344,31 @@ def test_best_checkpoint_by_dev_accuracy_becomes_the_final_adapter(tiny_model_di
     assert ours.keys() == best.keys() and all(torch.equal(ours[k], best[k]) for k in ours)
     results = json.loads((final / "train_results.json").read_text())
     assert results["eval_accuracy"] == pytest.approx(trainer.state.best_metric)
+
+
+AVX2_ONLY = "flags\t\t: fpu sse2 avx avx2 fma\n"
+WITH_BF16 = "flags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16\n"
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags():
+    from sft.model import cpu_has_native_bf16
+
+    assert not cpu_has_native_bf16(AVX2_ONLY)
+    assert cpu_has_native_bf16(WITH_BF16)
+    assert cpu_has_native_bf16("Features\t: fp asimd bf16 i8mm\n")  # Arm
+
+
+@pytest.mark.parametrize("cpuinfo, kept", [(AVX2_ONLY, False), (WITH_BF16, True)])
+def test_cpu_bf16_autocast_falls_back_to_fp32_without_native_bf16(cpuinfo, kept, monkeypatch, tmp_path, caplog):
+    """An AVX2-only CPU emulates bf16: the CPU recipe's bf16 autocast would make each step many times slower."""
+    from trl import SFTConfig
+
+    import sft.model
+    from sft.run import configure_training_args
+
+    real = sft.model.cpu_has_native_bf16
+    monkeypatch.setattr(sft.model, "cpu_has_native_bf16", lambda: real(cpuinfo))
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[])
+    configure_training_args(args)
+    assert args.bf16 is kept and args.mixed_precision == ("bf16" if kept else "no")
+    assert ("no native bf16" in caplog.text) is (not kept)
