@@ -98,7 +98,8 @@ def calibration_section(metrics: dict) -> list[str]:
     rows = [(m["set"], *(fmt(m["calibration"][k]) for k in ("ece_before", "ece_after", "brier_before", "brier_after",
                                                              "log_loss_before", "log_loss_after")))
             for _, m in _sets(metrics)]
-    return [f"## Calibration: temperature {t['temperature']:.4f}", "",
+    # T to 3 digits: its own uncertainty is larger, and float noise (1 vs 2 processes) never shows
+    return [f"## Calibration: temperature {t['temperature']:.3g}", "",
             f"Fitted on the {t['fitted_on']} split (n = {t['n']}) by log-loss ({t['log_loss_before']:.4f} → "
             f"{t['log_loss_after']:.4f} there); saved as calibration.json, which `SentimentPredictor` applies. "
             "Accuracy, F1 and the predicted labels do not change; `calibrated_probs` in predictions.jsonl.", "",
@@ -142,9 +143,9 @@ def report_markdown(metrics: dict, names: list[str]) -> str:
     lines = [f"# Evaluation: {metrics['split']} split{extra}", "",
              f"- adapter: `{metrics['adapter'] or 'none (zero-shot)'}`; base: `{metrics['base_model']}`; "
              f"processes: {metrics['world_size']}",
-             "- clean = rows whose text does not occur in the train split"
-             + ("" if metrics.get("clean") else " (no train split: not computed)")
-             + "; shown where some rows do occur there", f"- {METHOD}",
+             "- clean = rows whose text does not occur in the train split; a set's clean rows are shown where some "
+             "of its rows do occur there" if metrics.get("clean") else "- clean subset: not computed (no train split)",
+             f"- {METHOD}",
              *(f"- {m['set']}: `{m['source']}`, files in `{prefix}`" for prefix, m in sets[1:]), "",
              "## Results", "", *results_table(metrics), ""]
     lines += comparison_table(metrics) + calibration_section(metrics) + ["## Per set", ""]
@@ -172,5 +173,5 @@ def summary_lines(metrics: dict) -> list[str]:
         if m.get("calibration"):
             c = m["calibration"]
             lines.append(f"  calibration: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f} "
-                         f"(temperature {c['temperature']:.4f}, fitted on the validation split)")
+                         f"(temperature {c['temperature']:.3g}, fitted on the validation split)")
     return lines

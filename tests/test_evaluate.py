@@ -269,7 +269,7 @@ def test_calibrate(adapter_dir, data_dir, tmp_path):
     assert c["ece_after"] == pytest.approx(M.expected_calibration_error(gold, calibrated))
     assert metrics["errors"]["probabilities"] == "calibrated"
     report = (out / "report.md").read_text(encoding="utf-8")
-    assert f"## Calibration: temperature {temperature:.4f}" in report
+    assert f"## Calibration: temperature {temperature:.3g}" in report
     assert f"| test | {c['ece_before']:.4f} | {c['ece_after']:.4f} |" in report
 
     predictor = SentimentPredictor(lora_path=str(adapter), batch_size=4)
@@ -332,7 +332,7 @@ def test_script_entry_point_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("rows", [11, 1])
+@pytest.mark.parametrize("rows", [23, 1])
 def test_two_processes_match_one(adapter_dir, data_dir, eval_files, tmp_path, rows):
     """`accelerate launch` with 2 CPU (gloo) processes: same rows, same order, same metrics, intervals, comparison,
     calibration, error analysis and report as one process, on the split and on an --eval_set; also with fewer rows
@@ -361,8 +361,10 @@ def test_two_processes_match_one(adapter_dir, data_dir, eval_files, tmp_path, ro
             assert b["probs"] == pytest.approx(a["probs"], abs=1e-6)
     if rows > 1:  # the new figures: up to float noise in the probabilities, the same; the report reads the same
         assert one["auc_ci"] == pytest.approx(two["auc_ci"]) and one["comparison"]["verdict"] in S.VERDICTS
-        assert one["temperature"] == pytest.approx(two["temperature"], abs=1e-5)
-        assert one["calibration"] == pytest.approx(two["calibration"], abs=1e-6)
+        # the dev rows' scores differ by ~1e-7 between shardings (batch shapes); this weak tiny model turns that into
+        # ~5e-6 of relative change in T, which the report's 3 digits do not show
+        assert one["temperature"] == pytest.approx(two["temperature"], rel=1e-4)
+        assert one["calibration"] == pytest.approx(two["calibration"], rel=1e-4)
         mistakes = [m["errors"]["confident_mistakes"] for m in (one, two)]
         assert [m["index"] for m in mistakes[0]] == [m["index"] for m in mistakes[1]]
         assert [m["p"] for m in mistakes[0]] == pytest.approx([m["p"] for m in mistakes[1]], abs=1e-6)

@@ -62,7 +62,8 @@ def test_reliability_shows_over_confidence(tmp_path, binary):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the title's arrow must be in the font
         both = M.plot_reliability(gold, confident, tmp_path / "both.png", calibrated=calibrated)  # --calibrate
-    assert png_size(both) == png_size(b) and both.read_bytes() != b.read_bytes()
+        same = M.plot_reliability(gold, confident, tmp_path / "same.png", calibrated=confident)
+    assert png_size(both) == png_size(b) and both.read_bytes() != same.read_bytes()  # the second curve is drawn
 
 
 def test_degenerate_inputs_still_draw(tmp_path):
