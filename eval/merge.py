@@ -6,7 +6,8 @@
 
 The base is loaded unquantised (also for QLoRA adapters: merging into 4-bit weights would round the update away),
 `merge_and_unload()` folds the LoRA update into the weights, and the result is written with the tokenizer,
-template.json, recipe.yaml and run_info.json (kind "merged": `load_for_inference` treats it as a full model).
+template.json, recipe.yaml, calibration.json (if any) and run_info.json (kind "merged": `load_for_inference` treats
+it as a full model).
 The merged model is then reloaded from disk and must give the adapter's label probabilities on a few reviews within
 `--tolerance`; otherwise nothing is kept and the exit code is 1. Everything is written to OUT.tmp and renamed.
 """
@@ -58,8 +59,9 @@ def merge(adapter: str, out: str, dtype: str = "float32", tolerance: float = 1e-
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     template.save(tmp)
-    if (Path(adapter) / artifacts.RECIPE_FILE).is_file():
-        shutil.copy(Path(adapter) / artifacts.RECIPE_FILE, tmp / artifacts.RECIPE_FILE)
+    for name in (artifacts.RECIPE_FILE, artifacts.CALIBRATION_FILE):  # the merged model gives the same log-probs
+        if (Path(adapter) / name).is_file():
+            shutil.copy(Path(adapter) / name, tmp / name)
     info = dataclasses.replace(run_info, kind="merged", adapter_kind=run_info.kind, merged_from=str(adapter),
                                merged_dtype=dtype, gguf_file=None)
     info.save(tmp)

@@ -12,7 +12,7 @@
     python eval/predict.py --lora_path outputs/cpu-smollm2-lora/final --demo
 
 The predictor is sft/predictor.py; probabilities come from the label scorer (sft/scoring.py), renormalised over the
-labels.
+labels, and temperature-scaled when the adapter holds a calibration.json (`eval/evaluate.py --calibrate`).
 """
 
 import argparse

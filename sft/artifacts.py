@@ -37,6 +37,9 @@ EVAL_RESULTS_FILE = "eval_results.json"  # the figures the card is rebuilt from
 # an evaluation's outputs, in <final>/eval_<split>/ unless --out says otherwise
 PREDICTIONS_FILE, METRICS_FILE, REPORT_FILE = "predictions.jsonl", "metrics.json", "report.md"
 PLOT_FILES = {"roc": "roc.png", "confusion": "confusion.png", "reliability": "reliability.png"}
+# {"temperature": T, ...}: written by eval/evaluate.py --calibrate with its report and into the training output,
+# where SentimentPredictor applies it (probabilities = softmax(label log-probs / T))
+CALIBRATION_FILE = "calibration.json"
 # Config fields that must agree between an adapter's base and the model it is applied to.
 BASE_SIGNATURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
@@ -87,6 +90,21 @@ class RunInfo:
 def eval_dir(adapter: str | Path, split: str) -> Path:
     """Where an evaluation of `split` writes by default: inside the adapter, so its card can point at it."""
     return Path(adapter) / f"eval_{split}"
+
+
+def read_temperature(directory: str | Path) -> float | None:
+    """The temperature of `directory/calibration.json`, None when there is none; a broken file is an error, since
+    ignoring it would silently serve uncalibrated probabilities."""
+    path = Path(directory) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("temperature")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a JSON object with a 'temperature' ({e})") from e
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{path}: 'temperature' must be a positive number, got {value!r}")
+    return float(value)
 
 
 def read_recipe(directory: str | Path) -> dict:

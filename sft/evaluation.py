@@ -1,9 +1,15 @@
-"""Evaluating a training output (or a base model zero-shot) on a data split: one options object in, metrics out.
+"""Evaluating a training output (or a base model zero-shot) on a data split and on any number of other labelled
+files: one options object in, metrics out.
 
 eval/evaluate.py is the command line over `evaluate`; sft/train.py's do_predict calls `evaluate` too, so the
-figures printed after training are the ones any later evaluation of final/ reproduces. Under `accelerate launch`
-every process scores its share of the rows (sft.ranks.shard_and_gather) and the main process writes: metrics.json,
-predictions.jsonl, report.md, roc.png, confusion.png, reliability.png.
+figures printed after training are the ones any later evaluation of final/ reproduces. The model is loaded once and
+scores every set; under `accelerate launch` every process scores its share of each set's rows
+(sft.ranks.shard_and_gather) and the main process writes. The TF-IDF baseline is fitted once on the train split and
+scores every set. Each figure comes with a bootstrap interval, the model is compared with the baseline on the same
+rows (sft/stats.py), and `calibrate` fits a temperature on the dev split.
+
+Outputs: the split's metrics.json, predictions.jsonl and plots (roc.png, confusion.png, reliability.png) in the
+output folder, each --eval_set's in a subfolder named after it, and one report.md over all of them (sft/eval_report.py).
 """
 
 from __future__ import annotations
@@ -11,13 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sft import artifacts
 from sft import metrics as M
+from sft import stats as S
+from sft.eval_report import report_markdown
 from sft.scoring import ZERO_SHOT_MAX_LENGTH, Scores
 
 logger = logging.getLogger(__name__)
@@ -26,6 +35,15 @@ SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation"
 SOURCE_KEYS = ("data_dir", "train_file", "validation_file", "test_file", "dataset_name")
 # recipe keys not inherited: an evaluation scores the whole split (use max_samples to cap it)
 NOT_INHERITED = ("max_eval_samples", "rejects_file")
+SET_NAME = re.compile(r"^[A-Za-z0-9][\w-]*$")  # a --eval_set name is also the name of its output folder
+
+
+def parse_eval_set(spec: str) -> tuple[str, str]:
+    """'NAME=PATH' -> (NAME, PATH); NAME is a folder name of letters, digits, '_' and '-'."""
+    name, sep, path = spec.partition("=")
+    if not sep or not SET_NAME.match(name) or not path:
+        raise ValueError(f"--eval_set: expected NAME=PATH with NAME made of letters, digits, _ and -, got {spec!r}")
+    return name, path
 
 
 @dataclass
@@ -40,12 +58,14 @@ class EvalOptions:
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None
+    eval_set: list[str] = field(default_factory=list)  # "NAME=PATH": more labelled files, scored by the same model
     out: str | None = None
     batch_size: int = 32
     max_tokens_per_batch: int | None = None
-    max_samples: int | None = None
+    max_samples: int | None = None  # the first N rows of every set (and of the dev split that --calibrate uses)
     max_length: int | None = None
     dtype: str = "auto"
+    calibrate: bool = False  # fit a temperature on the dev split; calibration.json with the report and the adapter
     no_baseline: bool = False
     no_progress: bool = False
 
@@ -53,10 +73,26 @@ class EvalOptions:
         self.split = SPLIT_ALIASES.get(self.split, self.split)
         if self.split not in ("train", "validation", "test"):
             raise ValueError(f"--split: expected train, validation (dev) or test, got {self.split!r}")
+        names = [parse_eval_set(spec)[0] for spec in self.eval_set or ()]
+        if clash := next((n for n in names if names.count(n) > 1 or n == self.split), None):
+            raise ValueError(f"--eval_set: the name {clash!r} is used twice (the split is named {self.split!r})")
 
     @property
     def adapter_dir(self) -> str | None:
         return None if self.adapter.lower() == "none" else self.adapter
+
+
+@dataclass
+class EvalSet:
+    """One evaluated set (the split or an --eval_set file), filled in as the evaluation goes."""
+
+    name: str
+    source: str  # "test split" or the file it was read from
+    texts: list[str]
+    gold: np.ndarray
+    logprobs: np.ndarray | None = None  # (n, classes) label log-probs of the model
+    baseline_probs: np.ndarray | None = None  # (n, classes) of the TF-IDF baseline, when there is one
+    in_train: np.ndarray | None = None  # text also in the train split (None: no train split to compare with)
 
 
 # ----- inputs -----------------------------------------------------------------------------------------------------
@@ -81,110 +117,160 @@ def data_arguments(opts: EvalOptions):
     return DataArguments(**values)
 
 
-def load_data(data_args, split: str, max_samples: int | None):
-    """(texts, gold, (train texts, train labels) or None): the split, plus train when the source has one."""
+def load_data(data_args, splits: tuple[str, ...], max_samples: int | None):
+    """({split: (texts, gold)}, (train texts, train labels) or None): the splits, plus train when the source has one
+    (and it is not itself evaluated: then there is no clean subset and no baseline)."""
     from sft.data import load_splits, resolve_files
 
     files = resolve_files(data_args)
     hub = not files and not data_args.data_dir
-    with_train = split != "train" and ("train" in files or hub)
-    dsd = load_splits(data_args, (split, "train") if with_train else (split,))
-    rows = dsd[split]
-    if max_samples is not None:
-        rows = rows.select(range(min(max_samples, len(rows))))
+    with_train = "train" not in splits and ("train" in files or hub)
+    dsd = load_splits(data_args, (*splits, "train") if with_train else splits)
+    rows = {s: dsd[s].select(range(min(max_samples, len(dsd[s])))) if max_samples is not None else dsd[s]
+            for s in splits}
     train = (list(dsd["train"]["text"]), list(dsd["train"]["label"])) if with_train else None
-    return list(rows["text"]), np.asarray(rows["label"], dtype=int), train
+    return {s: (list(r["text"]), np.asarray(r["label"], dtype=int)) for s, r in rows.items()}, train
 
 
-# ----- outputs ----------------------------------------------------------------------------------------------------
-def _fmt(value, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec) if isinstance(value, float) else str(value)
+def read_eval_set(spec: str, data_args, max_samples: int | None) -> EvalSet:
+    """An --eval_set file in any format sft/data.py reads, with its label spellings and bad-row policy."""
+    from sft.data import read_examples
+
+    name, path = parse_eval_set(spec)
+    examples, rejects = read_examples(path, data_args.raw_label_names, data_args.on_bad_rows)
+    if rejects:
+        logger.warning("--eval_set %s: skipped %d bad rows (on_bad_rows=skip), first: %s:%d: %s", name, len(rejects),
+                       rejects[0]["file"], rejects[0]["line"], rejects[0]["reason"])
+    examples = examples[:max_samples] if max_samples is not None else examples
+    return EvalSet(name, path, [e["text"] for e in examples], np.array([e["label"] for e in examples], dtype=int))
 
 
-def report_markdown(metrics: dict, names: list[str]) -> str:
-    rows = [("model", "all", metrics), ("model", "clean", metrics.get("clean"))]
-    if metrics.get("baseline"):
-        baseline = metrics["baseline"]
-        rows += [("TF-IDF + LR", "all", baseline), ("TF-IDF + LR", "clean", baseline.get("clean"))]
-    lines = [
-        f"# Evaluation: {metrics['split']} split",
-        "",
-        f"- adapter: `{metrics['adapter'] or 'none (zero-shot)'}`; base: `{metrics['base_model']}`; "
-        f"processes: {metrics['world_size']}",
-        "- clean = rows whose text does not occur in the train split"
-        + ("" if metrics.get("clean") else " (no train split: not computed)"),
-        "",
-        "| system | rows | n | accuracy | macro F1 | AUC | ECE | Brier |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for system, subset, m in rows:
-        if m:
-            lines.append(f"| {system} | {subset} | {m['n']} | " + " | ".join(
-                _fmt(m[k]) for k in ("accuracy", "f1", "auc", "ece", "brier")) + " |")
-    mass = metrics["label_mass"]
-    lines += ["", f"Probability on the label words (label mass): mean {_fmt(mass['mean'], '.3g')}, "
-              f"5th percentile {_fmt(mass['p05'], '.3g')}, min {_fmt(mass['min'], '.3g')}.", "",
-              "Confusion matrix of the model (rows: gold, columns: predicted):", "",
-              "| gold \\ predicted | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for name, row in zip(names, metrics["confusion_matrix"], strict=True):
-        lines.append(f"| {name} | " + " | ".join(str(c) for c in row) + " |")
-    lines += ["", "![ROC](roc.png) ![confusion matrix](confusion.png) ![reliability](reliability.png)", ""]
-    return "\n".join(lines)
+def load_sets(opts: EvalOptions, data_args) -> tuple[list[EvalSet], EvalSet | None, tuple | None]:
+    """(the split and the --eval_set files, the dev split when calibrating, train or None), all read before any
+    model loads, so that a bad file fails fast."""
+    from sft.data import resolve_files
 
-
-def summary_lines(metrics: dict) -> list[str]:
-    """The model's and the baseline's figures side by side: all rows, then the rows whose text is not in train."""
-    lines = [f"{metrics['split']} split: {metrics['n']} rows{'':<22}{'accuracy':>9}{'macro F1':>10}{'AUC':>8}"]
-    systems = [("fine-tuned model" if metrics.get("adapter") else "zero-shot model", metrics),
-               ("TF-IDF + LR baseline", metrics.get("baseline") or {})]
-    clean = metrics.get("clean")
-    subsets = [("", None)] + ([(", clean", "clean")] if clean and clean["n"] < metrics["n"] else [])
-    for suffix, key in subsets:
-        for name, figures in systems:
-            m = figures.get(key) if key else figures
-            if m:
-                label = f"{name}{suffix}" + (f" (n={m['n']})" if key else "")
-                lines.append(f"  {label:<40}" + "".join(f"{_fmt(m[k]):>{w}}" for k, w in
-                                                        (("accuracy", 9), ("f1", 10), ("auc", 8))))
-    return lines
-
-
-def write_outputs(out: Path, metrics: dict, texts, gold, logprobs, verbalizers, in_train, baseline_probs) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    scores = Scores(tuple(verbalizers), logprobs)
-    lines = []
-    for i, text in enumerate(texts):
-        row = scores.row(i)
-        lines.append(json.dumps({
-            "index": i, "text": text, "gold": int(gold[i]), "gold_label": verbalizers[gold[i]],
-            "pred": row["label_id"], "pred_label": row["label"], "probs": row["probs"],
-            "label_mass": row["label_mass"], "in_train": None if in_train is None else bool(in_train[i]),
-        }, ensure_ascii=False))
-    artifacts.write_text_atomic(out / artifacts.PREDICTIONS_FILE, "".join(line + "\n" for line in lines))
-    artifacts.write_json(out / artifacts.METRICS_FILE, metrics)
-    artifacts.write_text_atomic(out / artifacts.REPORT_FILE, report_markdown(metrics, list(verbalizers)))
-    curves = {"model": scores.probs} | ({"TF-IDF + LR": baseline_probs} if baseline_probs is not None else {})
-    plots = {name: out / file for name, file in artifacts.PLOT_FILES.items()}
-    M.plot_roc(gold, curves, plots["roc"])
-    M.plot_confusion(metrics["confusion_matrix"], verbalizers, plots["confusion"])
-    M.plot_reliability(gold, scores.probs, plots["reliability"])
+    files = resolve_files(data_args)
+    if opts.calibrate and files and "validation" not in files:
+        raise ValueError("--calibrate fits the temperature on the validation (dev) split, and the data has none "
+                         f"(found: {', '.join(sorted(files))}); pass --validation_file or --data_dir")
+    if opts.calibrate and opts.split == "validation":
+        logger.warning("--calibrate on the validation split: the temperature is fitted on the rows it is scored on")
+    splits = tuple(dict.fromkeys((opts.split, "validation") if opts.calibrate else (opts.split,)))
+    data, train = load_data(data_args, splits, opts.max_samples)
+    sets = [EvalSet(opts.split, f"{opts.split} split", *data[opts.split])]
+    sets += [read_eval_set(spec, data_args, opts.max_samples) for spec in opts.eval_set or ()]
+    dev = EvalSet("validation", "validation split", *data["validation"]) if opts.calibrate else None
+    return sets, dev, train
 
 
 # ----- metrics ----------------------------------------------------------------------------------------------------
-def summarize(run: dict, gold, logprobs, names, in_train, baseline_probs) -> dict:
-    """metrics.json: the model on all rows and on the clean rows (text not in train), and the baseline on both."""
-    scores = Scores(tuple(names), logprobs)
-    metrics = {**run, **M.classification_metrics(gold, scores.probs, names),
-               "label_mass": M.label_mass_stats(scores.label_mass), "clean": None, "baseline": None}
-    clean = ~in_train if in_train is not None else None
+def figures(gold: np.ndarray, probs: np.ndarray, names: list[str]) -> dict:
+    """Point estimates (sft/metrics.py) and their bootstrap intervals (sft/stats.py) of one probability matrix."""
+    return {**M.classification_metrics(gold, probs, names), **S.intervals(gold, probs)}
+
+
+def _with_clean(compute, clean: np.ndarray | None, *arrays: np.ndarray) -> dict:
+    """compute(*arrays) on all rows, and again on the clean rows under "clean" (None without a train split)."""
+    return {**compute(*arrays), "clean": None if clean is None else compute(*(a[clean] for a in arrays))}
+
+
+def calibration_figures(gold: np.ndarray, logprobs: np.ndarray, names: list[str], temperature: float) -> dict:
+    """ECE, Brier and log-loss of the raw and of the temperature-scaled probabilities (accuracy does not change)."""
+    from sklearn.metrics import log_loss
+
+    out = {"temperature": temperature}
+    for when, t in (("before", 1.0), ("after", temperature)):
+        probs = Scores(tuple(names), logprobs, t).probs
+        out |= {f"ece_{when}": M.expected_calibration_error(gold, probs), f"brier_{when}": M.brier_score(gold, probs),
+                f"log_loss_{when}": float(log_loss(gold, probs, labels=list(range(len(names)))))}
+    return out
+
+
+def fit_calibration(dev: EvalSet, names: list[str], max_length: int | None) -> dict:
+    """calibration.json: the temperature fitted on the dev split by log-loss, what it did there, and the token limit
+    the rows were scored with (a predictor that truncates harder sees slightly different scores)."""
+    temperature = S.fit_temperature(dev.logprobs, dev.gold)
+    if not S.TEMPERATURE_BOUNDS[0] * 1.01 < temperature < S.TEMPERATURE_BOUNDS[1] / 1.01:
+        logger.warning("fitted temperature %.3g is at the search bound %s", temperature, S.TEMPERATURE_BOUNDS)
+    logger.info("temperature %.4f fitted on %d dev rows", temperature, len(dev.gold))
+    return {"fitted_on": "validation", "n": len(dev.gold), "max_length": max_length,
+            **calibration_figures(dev.gold, dev.logprobs, names, temperature)}
+
+
+def summarize(es: EvalSet, names: list[str], temperature: float | None) -> dict:
+    """One set's metrics: the model on all rows and on the clean rows (text not in train) with intervals, the
+    baseline likewise, the paired comparison, calibration before/after, and the error analysis."""
+    scores = Scores(tuple(names), es.logprobs)
+    clean = None if es.in_train is None else ~es.in_train
     if clean is not None:
-        metrics["clean"] = {**M.classification_metrics(gold[clean], scores.probs[clean], names),
-                            "label_mass": M.label_mass_stats(scores.label_mass[clean])}
-        logger.info("%d of %d rows also occur in train; clean subset: %d rows", (~clean).sum(), len(gold), clean.sum())
-    if baseline_probs is not None:
-        metrics["baseline"] = M.classification_metrics(gold, baseline_probs, names)
-        if clean is not None:
-            metrics["baseline"]["clean"] = M.classification_metrics(gold[clean], baseline_probs[clean], names)
+        logger.info("%s: %d of %d rows also occur in train; clean subset: %d rows", es.name, (~clean).sum(),
+                    len(es.gold), clean.sum())
+    metrics = {"set": es.name, "source": es.source, **_with_clean(
+        lambda g, p, m: {**figures(g, p, names), "label_mass": M.label_mass_stats(m)},
+        clean, es.gold, scores.probs, scores.label_mass), "baseline": None, "comparison": None, "calibration": None}
+    if es.baseline_probs is not None:
+        metrics["baseline"] = _with_clean(lambda g, p: figures(g, p, names), clean, es.gold, es.baseline_probs)
+        metrics["comparison"] = _with_clean(S.compare, clean, es.gold, scores.preds, es.baseline_probs.argmax(axis=1))
+    if temperature is not None:
+        metrics["calibration"] = calibration_figures(es.gold, es.logprobs, names, temperature)
+    shown = Scores(tuple(names), es.logprobs, temperature or 1.0).probs
+    correct = {"model": scores.preds == es.gold}
+    if es.baseline_probs is not None:
+        correct["baseline"] = es.baseline_probs.argmax(axis=1) == es.gold
+    metrics["errors"] = {"probabilities": "raw" if temperature is None else "calibrated",
+                         "confident_mistakes": S.confident_mistakes(es.texts, es.gold, shown, names),
+                         "accuracy_by_length": S.accuracy_by_length(np.array([len(t) for t in es.texts]), correct)}
+    return metrics
+
+
+# ----- outputs ----------------------------------------------------------------------------------------------------
+def prediction_lines(es: EvalSet, names: list[str], temperature: float | None) -> str:
+    """predictions.jsonl: one row per text in set order, with the calibrated probabilities when calibrating."""
+    scores = Scores(tuple(names), es.logprobs)
+    calibrated = Scores(tuple(names), es.logprobs, temperature) if temperature is not None else None
+    lines = []
+    for i, text in enumerate(es.texts):
+        row = scores.row(i)
+        record = {"index": i, "text": text, "gold": int(es.gold[i]), "gold_label": names[es.gold[i]],
+                  "pred": row["label_id"], "pred_label": row["label"], "probs": row["probs"],
+                  "label_mass": row["label_mass"], "in_train": None if es.in_train is None else bool(es.in_train[i])}
+        if calibrated is not None:
+            record["calibrated_probs"] = calibrated.row(i)["probs"]
+        if es.baseline_probs is not None:
+            record["baseline_pred"] = int(es.baseline_probs[i].argmax())
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return "".join(lines)
+
+
+def write_set(out: Path, es: EvalSet, metrics: dict, names: list[str], temperature: float | None) -> None:
+    """One set's metrics.json, predictions.jsonl and plots into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts.write_text_atomic(out / artifacts.PREDICTIONS_FILE, prediction_lines(es, names, temperature))
+    artifacts.write_json(out / artifacts.METRICS_FILE, metrics)
+    probs = Scores(tuple(names), es.logprobs).probs
+    curves = {"model": probs} | ({"TF-IDF + LR": es.baseline_probs} if es.baseline_probs is not None else {})
+    plots = {name: out / file for name, file in artifacts.PLOT_FILES.items()}
+    M.plot_roc(es.gold, curves, plots["roc"])
+    M.plot_confusion(metrics["confusion_matrix"], names, plots["confusion"])
+    calibrated = None if temperature is None else Scores(tuple(names), es.logprobs, temperature).probs
+    M.plot_reliability(es.gold, probs, plots["reliability"], calibrated=calibrated)
+
+
+def write_all(out: Path, run: dict, sets: list[EvalSet], names: list[str], calibration: dict | None) -> dict:
+    """Every set's metrics and files (the split's in `out`, each --eval_set's in `out/NAME`), then the combined
+    metrics.json and report.md in `out`, and calibration.json; returns the combined metrics."""
+    temperature = calibration["temperature"] if calibration else None
+    per_set = {es.name: summarize(es, names, temperature) for es in sets}
+    shared = {k: v for k, v in run.items() if k != "split"} | {"temperature": calibration}
+    for es in sets[1:]:
+        write_set(out / es.name, es, {**shared, **per_set[es.name]}, names, temperature)
+    metrics = {**run, **per_set[sets[0].name], "temperature": calibration,
+               "eval_sets": {es.name: per_set[es.name] for es in sets[1:]}}
+    write_set(out, sets[0], metrics, names, temperature)
+    artifacts.write_text_atomic(out / artifacts.REPORT_FILE, report_markdown(metrics, names))
+    if calibration is not None:
+        artifacts.write_json(out / artifacts.CALIBRATION_FILE, calibration)
     return metrics
 
 
@@ -215,12 +301,26 @@ def score_rows(state, opts: EvalOptions, scorer, texts: list[str]) -> np.ndarray
     return shard_and_gather(state, len(texts), score).reshape(len(texts), template.num_labels)
 
 
-def baseline(opts: EvalOptions, train, texts: list[str], num_classes: int) -> np.ndarray | None:
-    """TF-IDF + logistic regression fitted on the train split, when there is one and it was not switched off."""
+def add_baseline(opts: EvalOptions, train, sets: list[EvalSet], num_classes: int) -> None:
+    """TF-IDF + logistic regression fitted once on the train split (when there is one and it was not switched off),
+    scoring every set; also marks each set's rows whose text occurs in train."""
+    if train is not None:
+        seen = set(train[0])
+        for es in sets:
+            es.in_train = np.array([t in seen for t in es.texts], dtype=bool)
     if opts.no_baseline or train is None:
         logger.info("baseline skipped: %s", "--no_baseline" if opts.no_baseline else "no train split to fit it on")
-        return None
-    return M.tfidf_baseline(*train, texts, num_classes=num_classes)
+        return
+    probs = M.tfidf_baseline(*train, [t for es in sets for t in es.texts], num_classes=num_classes)
+    for es, part in zip(sets, np.split(probs, np.cumsum([len(es.texts) for es in sets])[:-1]), strict=True):
+        es.baseline_probs = part
+
+
+def check_labels(sets: list[EvalSet], names: list[str]) -> None:
+    for es in sets:
+        if len(es.gold) and es.gold.max() >= len(names):
+            raise ValueError(f"{es.source}: the data has label {es.gold.max()} but the template has only classes "
+                             f"{names}")
 
 
 def evaluate(opts: EvalOptions) -> dict | None:
@@ -234,26 +334,27 @@ def evaluate(opts: EvalOptions) -> dict | None:
     elif opts.out is None:
         raise ValueError("--adapter none needs --out DIR")
     out = Path(opts.out) if opts.out else artifacts.eval_dir(adapter, opts.split)
-    texts, gold, train = load_data(data_arguments(opts), opts.split, opts.max_samples)
-    logger.info("%s split: %d rows%s", opts.split, len(texts), "" if train else " (no train split available)")
-    scorer = load_scorer(opts, state.device)
+    sets, dev, train = load_sets(opts, data_arguments(opts))
+    logger.info("%s", "; ".join(f"{es.source}: {len(es.texts)} rows" for es in sets)
+                + ("" if train else " (no train split available)"))
+    scorer = load_scorer(opts, state.device)  # once, for every set
     names = list(scorer[2].verbalizers)
-    if len(gold) and gold.max() >= len(names):
-        raise ValueError(f"the data has label {gold.max()} but the template has only classes {names}")
-    logprobs = score_rows(state, opts, scorer, texts)
+    check_labels([*sets, *([dev] if dev else [])], names)
+    for es in [*sets, *([dev] if dev else [])]:
+        es.logprobs = score_rows(state, opts, scorer, es.texts)
     metrics = None
     if state.is_main_process:
-        seen = set(train[0]) if train is not None else set()
-        in_train = None if train is None else np.array([t in seen for t in texts], dtype=bool)
         run = {"split": opts.split, "adapter": adapter, "world_size": state.num_processes,
                "base_model": opts.base or (recorded if adapter is not None else None)}  # as named, not a cache folder
-        baseline_probs = baseline(opts, train, texts, len(names))
-        metrics = summarize(run, gold, logprobs, names, in_train, baseline_probs)
-        write_outputs(out, metrics, texts, gold, logprobs, names, in_train, baseline_probs)
+        add_baseline(opts, train, sets, len(names))
+        calibration = fit_calibration(dev, names, scorer[2].max_length) if dev else None
+        metrics = write_all(out, run, sets, names, calibration)
         if adapter is not None and (Path(adapter) / artifacts.RECIPE_FILE).is_file():  # a training output: its card
             from sft.model_card import add_eval_results
 
             add_eval_results(adapter, opts.split, metrics)
+            if calibration is not None:  # SentimentPredictor applies it from now on
+                artifacts.write_json(Path(adapter) / artifacts.CALIBRATION_FILE, calibration)
         logger.info("outputs written to %s", out)
     state.wait_for_everyone()
     return metrics

@@ -187,25 +187,32 @@ def plot_confusion(matrix: Sequence[Sequence[int]], label_names: Sequence[str], 
     return Path(path)
 
 
-def plot_reliability(gold: Sequence[int], probs: np.ndarray, path: str | Path, n_bins: int = ECE_BINS) -> Path:
-    """Accuracy vs mean confidence (top-class probability) per equal-width bin, with the bin counts."""
+def plot_reliability(gold: Sequence[int], probs: np.ndarray, path: str | Path, n_bins: int = ECE_BINS,
+                     calibrated: np.ndarray | None = None) -> Path:
+    """Accuracy vs mean confidence (top-class probability) per equal-width bin, with the bin counts; with
+    `calibrated` (the temperature-scaled probabilities) its curve too, and the ECE before and after."""
     from sklearn.calibration import CalibrationDisplay
 
     gold, probs = np.asarray(gold), np.asarray(probs)
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == gold
-    ece = expected_calibration_error(gold, probs, n_bins) if len(gold) else float("nan")
+    ece = f"{expected_calibration_error(gold, probs, n_bins):.3f}" if len(gold) else "nan"
     with _figure(path) as (_, ax):
         if len(gold):
             shown = CalibrationDisplay.from_predictions(correct, confidence, n_bins=n_bins, ax=ax, ref_line=False,
-                                                        name="accuracy")
+                                                        name="accuracy" if calibrated is None else "raw")
             # the bin counts, binned as calibration_curve bins (right-closed edges), one per plotted (non-empty) bin
             bins = np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], confidence)
             counts = np.bincount(bins, minlength=n_bins)
             for x, acc, count in zip(shown.prob_pred, shown.prob_true, counts[counts > 0], strict=True):
                 ax.text(x, acc + 0.015, str(count), ha="center", va="bottom", fontsize=7)
+        if len(gold) and calibrated is not None:
+            calibrated = np.asarray(calibrated)
+            CalibrationDisplay.from_predictions(correct, calibrated.max(axis=1), n_bins=n_bins, ax=ax, ref_line=False,
+                                                name="temperature-scaled", marker="o", linestyle="--")
+            ece += f" → {expected_calibration_error(gold, calibrated, n_bins):.3f}"
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
         ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.08),
-               title=f"reliability (ECE {ece:.3f}, n={len(gold)})")
+               title=f"reliability (ECE {ece}, n={len(gold)})")
         ax.legend(loc="upper left")
     return Path(path)
 

@@ -13,10 +13,12 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from sft import artifacts
+from sft.eval_report import cell, verdict_text
 
 CARD_FILE, RESULTS_FILE = artifacts.CARD_FILE, artifacts.EVAL_RESULTS_FILE
 FIGURE_KEYS = ("n", "accuracy", "f1", "auc", "ece", "brier")
 METRICS = (("accuracy", "accuracy", "accuracy"), ("f1", "f1", "macro F1"), ("auc", "roc_auc", "ROC-AUC"))  # key, hub
+COMPARISON_KEYS = ("n", "verdict", "accuracy_difference", "accuracy_difference_ci", "mcnemar_p")
 DEV_LABELS = {"eval_accuracy": "accuracy", "eval_f1": "macro F1", "eval_auc": "ROC-AUC", "eval_ece": "ECE",
               "eval_brier": "Brier", "eval_loss": "loss", "train_loss": "train loss (mean)",
               "train_runtime": "train runtime (s)", "epoch": "epochs"}
@@ -124,6 +126,10 @@ def _figures(metrics: dict | None) -> dict | None:
     out: dict[str, Any] = {k: metrics[k] for k in FIGURE_KEYS if k in metrics}
     out |= {k: list(v) for k, v in metrics.items()
             if k.endswith("_ci") and isinstance(v, (list, tuple)) and len(v) == 2 and _is_number(*v)}
+    comparison = metrics.get("comparison")
+    if isinstance(comparison, dict) and all(k in comparison for k in COMPARISON_KEYS):  # the paired verdict
+        out["comparison"] = {k: comparison[k] for k in COMPARISON_KEYS} | {
+            "clean": {k: comparison["clean"][k] for k in COMPARISON_KEYS} if comparison.get("clean") else None}
     return out | {part: _figures(metrics[part]) for part in ("clean", "baseline") if metrics.get(part)}
 
 
@@ -182,10 +188,8 @@ def _training_sections(source: str, run_info: dict, recipe: dict, peft: bool) ->
     return "\n".join(lines)
 
 
-def _cell(m: dict, key: str) -> str:
-    """`0.9123 [0.8960, 0.9270]` when metrics.json carried `<key>_ci` (kept only when valid), `-` when absent."""
-    ci = m.get(f"{key}_ci")
-    return f"{m[key]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "") if _is_number(m.get(key)) else "-"
+def _has_ci(figures: dict) -> bool:
+    return any(k.endswith("_ci") for k in figures) or bool(figures.get("comparison"))
 
 
 def _results_section(final_dir: str, dev: dict, splits: list[tuple[str, dict]]) -> str:
@@ -200,9 +204,16 @@ def _results_section(final_dir: str, dev: dict, splits: list[tuple[str, dict]]) 
         baseline = figures.get("baseline") or {}
         rows = [("model", "all", figures), ("model", "clean", figures.get("clean")),
                 ("TF-IDF + LR", "all", baseline), ("TF-IDF + LR", "clean", baseline.get("clean"))]
-        cells = [(who, subset, m.get("n", "-"), *(_cell(m, k) for k, *_ in METRICS)) for who, subset, m in rows if m]
+        cells = [(who, subset, m.get("n", "-"), *(cell(m, k) for k, *_ in METRICS)) for who, subset, m in rows if m]
         parts += ["", f"### {split} split", "", *_table(("system", "rows", "n", *(t for *_, t in METRICS)), cells)]
         parts += ["", "clean = rows whose text does not occur in the train split."] if figures.get("clean") else []
+        comparison = figures.get("comparison") or {}
+        verdicts = [f"- model vs TF-IDF + LR, {subset} rows: {verdict_text(c)}"
+                    for subset, c in (("all", comparison), ("clean", comparison.get("clean"))) if c]
+        parts += ["", *verdicts] if verdicts else []
+    if any(_has_ci(figures) for _, figures in splits):
+        parts += ["", "[a, b]: 95% bootstrap interval; verdict: McNemar's exact test at the 5% level "
+                  "(eval/evaluate.py)."]
     if any(figures.get("baseline") for _, figures in splits):
         parts += ["", "Baseline: TF-IDF + logistic regression fitted on the train split (eval/evaluate.py)."]
     return "\n".join(parts)

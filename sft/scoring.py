@@ -38,13 +38,15 @@ class Scores:
 
     verbalizers: tuple[str, ...]
     logprobs: np.ndarray  # (n, num_labels) float64: log p(label tokens | prompt)
+    temperature: float = 1.0  # probs = softmax(logprobs / T); T from calibration.json (eval/evaluate.py --calibrate)
     probs: np.ndarray = field(init=False)  # softmax of logprobs over the classes: p(class | answer is a label)
-    preds: np.ndarray = field(init=False)  # argmax class index
+    preds: np.ndarray = field(init=False)  # argmax class index (the same at any temperature)
     label_mass: np.ndarray = field(init=False)  # total probability on the label words (1.0: always a label)
 
     def __post_init__(self) -> None:
         self.logprobs = np.asarray(self.logprobs, dtype=np.float64).reshape(-1, len(self.verbalizers))
-        exp = np.exp(self.logprobs - self.logprobs.max(axis=1, keepdims=True))
+        scaled = self.logprobs / self.temperature
+        exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
         self.probs = exp / exp.sum(axis=1, keepdims=True)
         self.preds = self.logprobs.argmax(axis=1)
         self.label_mass = np.exp(self.logprobs).sum(axis=1)

@@ -24,7 +24,7 @@ def predict_test_split(recipe, final: Path) -> dict | None:
 def closing_lines(recipe, final: Path, test_metrics: dict | None) -> list[str]:
     """What the user reads last: where the result is, how good it is, and what to do with it."""
     from sft.artifacts import REPORT_FILE, eval_dir
-    from sft.evaluation import summary_lines
+    from sft.eval_report import summary_lines
     from sft.sources import BUILTIN
 
     lines = ["", f"{'adapter' if recipe.model.use_peft else 'model'}: {final}"]

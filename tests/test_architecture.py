@@ -18,11 +18,11 @@ import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("sft", "eval", "bench")
-CORE = {"config", "data", "template", "sources", "tiny_model", "model", "scoring", "metrics", "artifacts", "ranks",
-        "quiet", "model_card"}
+CORE = {"config", "data", "template", "sources", "tiny_model", "model", "scoring", "metrics", "stats", "artifacts",
+        "ranks", "quiet", "eval_report", "model_card"}
 MIDDLE = {"trainer", "run", "evaluation", "predictor"}
 SCRIPTS = {"sft.train", "eval.evaluate", "eval.predict", "eval.merge"}
-LINE_BUDGET = 4100  # code lines of sft/ + eval/ + bench/ (blank and comment lines not counted, as cloc counts)
+LINE_BUDGET = 4512  # code lines of sft/ + eval/ + bench/ (blank and comment lines not counted, as cloc counts)
 MAX_FUNCTION_LINES = 50
 
 

@@ -105,6 +105,7 @@ NOT_COMPLETE = "not a complete checkpoint (no trainer_state.json); pick another 
 SNAPSHOT_DIFF = ("{tmp}/old/checkpoint-2: recipe differs from the checkpoint's run (model_name_or_path: checkpoint "
                  "None vs recipe '{tiny}'; model_revision: checkpoint None vs recipe 'main'; use_peft: checkpoint None "
                  "vs recipe True)")
+EVAL = ("--adapter", "{adapter}", "--data_dir", "{sample}", "--out", "{tmp}/out", "--no_progress")
 OLD_CHECKPOINT = {"old/checkpoint-2/trainer_state.json": "{}", "old/checkpoint-2/run_snapshot.json": "{}"}
 CASES: list[Case] = [
     # ------------------------------------------------------------------------------------------------ data files
@@ -252,6 +253,23 @@ CASES: list[Case] = [
     Case("evaluate-dir-without-test-split", "data", "evaluate --data_dir without a test file", "eval.evaluate.main",
          ("--adapter", "{adapter}", "--data_dir", "{broken}/no_test_split", "--out", "{tmp}/out", "--no_progress"),
          error="data_dir '{broken}/no_test_split' has no test split (looked for test.*; found: dev.tsv, train.tsv)"),
+    Case("evaluate-eval-set-without-name", "data", "`--eval_set PATH` without `NAME=`", "eval.evaluate.main",
+         (*EVAL, "--eval_set", "{sample}/dev.tsv"),
+         error="--eval_set: expected NAME=PATH with NAME made of letters, digits, _ and -, got '{sample}/dev.tsv'"),
+    Case("evaluate-eval-set-name-twice", "data", "`--eval_set test=...`: the name of the split", "eval.evaluate.main",
+         (*EVAL, "--eval_set", "test={sample}/dev.tsv"),
+         error="--eval_set: the name 'test' is used twice (the split is named 'test')"),
+    Case("evaluate-eval-set-missing-file", "data", "--eval_set file that does not exist", "eval.evaluate.main",
+         (*EVAL, "--eval_set", "mine={tmp}/nope.csv"), error="{tmp}/nope.csv: no such file"),
+    Case("evaluate-eval-set-bad-label", "data", "--eval_set CSV `label,review` with an unknown label",
+         "eval.evaluate.main", (*EVAL, "--eval_set", "mine={tmp}/mine.csv"),
+         files={"mine.csv": "label,review\npositive,房间很干净\nmaybe,一般般\n"},
+         error="{tmp}/mine.csv:3: column 'label': unknown label 'maybe' {labels}"),
+    Case("evaluate-calibrate-without-dev", "data", "--calibrate on data without a dev split", "eval.evaluate.main",
+         ("--adapter", "{adapter}", "--data_dir", "{tmp}/d", "--calibrate", "--out", "{tmp}/out", "--no_progress"),
+         files={"d/train.tsv": TSV3, "d/test.tsv": TSV3},
+         error="--calibrate fits the temperature on the validation (dev) split, and the data has none (found: test, "
+               "train); pass --validation_file or --data_dir"),
     # ------------------------------------------------------------------------------------------------ recipes
     Case("recipe-unknown-key", "recipe", "misspelt key `learning_rat`", "python sft/train.py",
          RECIPE_ARGS, files={"recipe.yaml": RECIPE + "learning_rat: 1.0e-4\n"},

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -17,11 +18,13 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from eval.evaluate import main as evaluate_main
 from sft import metrics as M
+from sft import stats as S
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "sample"
 OUTPUTS = ("metrics.json", "predictions.jsonl", "report.md", "roc.png", "confusion.png", "reliability.png")
 N_TEST, N_LEAKED = 20, 4
+SAMPLE_TEST = (SAMPLE / "test.tsv").read_text(encoding="utf-8").splitlines()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -137,7 +140,142 @@ def test_evaluate_writes_everything_and_metrics_match_predictions(adapter_dir, d
     for key in ("per_class", "confusion_matrix", "ece", "brier", "label_mass"):
         assert key in metrics
     report = (out / "report.md").read_text(encoding="utf-8")
-    assert "| model | clean | 20 |" in report and "| TF-IDF + LR | all | 24 |" in report
+    assert "| test | clean | model | 20 |" in report and "| test | all | TF-IDF + LR | 24 |" in report
+    check_uncertainty_and_errors(metrics, rows, report)
+
+
+def check_uncertainty_and_errors(metrics: dict, rows: list[dict], report: str) -> None:
+    """Intervals around every figure, the paired comparison and the error analysis agree with predictions.jsonl."""
+    gold, pred = np.array([r["gold"] for r in rows]), np.array([r["pred"] for r in rows])
+    baseline = np.array([r["baseline_pred"] for r in rows])
+    for figures in (metrics, metrics["clean"], metrics["baseline"], metrics["baseline"]["clean"]):
+        for key in ("accuracy", "f1", "auc"):
+            low, high = figures[f"{key}_ci"]
+            assert low <= figures[key] <= high, (key, figures[key], low, high)
+            model = figures is metrics or figures is metrics["clean"]  # (the baseline is 1.0 on this sample data)
+            assert high - low > 0.01 or not model
+            assert f"{figures[key]:.4f} [{low:.4f}, {high:.4f}]" in report
+    comparison = metrics["comparison"]
+    b, c, p = S.mcnemar_exact(pred == gold, baseline == gold)
+    assert (comparison["model_only_right"], comparison["baseline_only_right"], comparison["mcnemar_p"]) == (b, c, p)
+    assert comparison["disagreements"] == int((pred != baseline).sum())
+    assert comparison["accuracy_difference"] == pytest.approx((pred == gold).mean() - (baseline == gold).mean())
+    assert comparison["verdict"] == S.verdict(b, c, p) and f"**{comparison['verdict']}**" in report
+    assert metrics["comparison"]["clean"]["n"] == metrics["clean"]["n"]
+
+    wrong = [r for r in rows if r["pred"] != r["gold"]]
+    top = sorted(wrong, key=lambda r: -max(r["probs"].values()))[:20]
+    mistakes = metrics["errors"]["confident_mistakes"]
+    assert [m["index"] for m in mistakes] == [r["index"] for r in top] and len(mistakes) == min(20, len(wrong))
+    assert all(m["p"] == max(rows[m["index"]]["probs"].values()) for m in mistakes)
+    assert f"The {len(mistakes)} most confident mistakes" in report
+    assert f"| {top[0]['index']} | {top[0]['text'][:80]}" in report
+    buckets = metrics["errors"]["accuracy_by_length"]
+    assert sum(bucket["n"] for bucket in buckets) == len(rows) and len(buckets) >= 3
+    assert "Accuracy by review length" in report
+
+
+@pytest.fixture(scope="module")
+def eval_files(tmp_path_factory) -> dict[str, Path]:
+    """Two more labelled sets in other formats and spellings: a CSV `label,review` with English label words, and
+    JSON lines."""
+    out = tmp_path_factory.mktemp("eval_sets")
+    test = [line.split("\t", 1) for line in SAMPLE_TEST[31:45]]
+    words = {"0": "negative", "1": "positive"}
+    with (out / "hotels.csv").open("w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("label", "review"), *((words[y], t) for y, t in test)])
+    dev = [line.split("\t", 1) for line in (SAMPLE / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:13]]
+    (out / "books.jsonl").write_text("".join(json.dumps({"text": t, "label": int(y)}, ensure_ascii=False) + "\n"
+                                             for y, t in dev), encoding="utf-8")
+    return {"hotels": out / "hotels.csv", "books": out / "books.jsonl"}
+
+
+def test_two_eval_sets_in_one_run_equal_two_separate_runs(adapter_dir, data_dir, eval_files, tmp_path, monkeypatch):
+    """One model load and one baseline fit for all sets; each set's figures are the ones a run of its own gives."""
+    import sft.evaluation
+    import sft.model
+
+    calls = {"load": 0, "baseline": 0}
+
+    def counting(name, module, attr):
+        real = getattr(module, attr)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, wrapper)
+
+    counting("load", sft.model, "load_for_inference")
+    counting("baseline", sft.evaluation.M, "tfidf_baseline")
+    common = ["--adapter", str(adapter_dir), "--max_samples", "10", "--no_progress"]
+    specs = [f"{name}={path}" for name, path in eval_files.items()]
+    both = ["--out", str(tmp_path / "both"), "--eval_set", specs[0], "--eval_set", specs[1]]
+    assert evaluate_main([*common, *both]) == 0
+    assert calls == {"load": 1, "baseline": 1}
+    for spec in specs:
+        assert evaluate_main([*common, "--out", str(tmp_path / spec.split("=")[0]), "--eval_set", spec]) == 0
+
+    combined = json.loads((tmp_path / "both" / "metrics.json").read_text(encoding="utf-8"))
+    assert list(combined["eval_sets"]) == ["hotels", "books"]
+    for name in eval_files:
+        together = tmp_path / "both" / name
+        alone = tmp_path / name / name
+        for file in OUTPUTS[:2]:  # metrics.json, predictions.jsonl: byte for byte
+            assert (together / file).read_text(encoding="utf-8") == (alone / file).read_text(encoding="utf-8"), file
+        for file in ("roc.png", "confusion.png", "reliability.png"):
+            assert (together / file).is_file()
+        per_set = json.loads((together / "metrics.json").read_text(encoding="utf-8"))
+        assert {k: v for k, v in per_set.items() if k in combined["eval_sets"][name]} == combined["eval_sets"][name]
+        assert per_set["n"] == 10 and per_set["source"] == str(eval_files[name]) and per_set["accuracy_ci"]
+        assert per_set["baseline"]["n"] == 10 and per_set["comparison"]["verdict"] in S.VERDICTS
+    # the split's own figures do not depend on the other sets either
+    split = json.loads((tmp_path / "hotels" / "metrics.json").read_text(encoding="utf-8"))
+    assert {k: v for k, v in combined.items() if k != "eval_sets"} == {k: v for k, v in split.items()
+                                                                       if k != "eval_sets"}
+    hotels = read_predictions(tmp_path / "both" / "hotels")  # English label words read as the classes
+    assert [r["gold"] for r in hotels] == [int(line[0]) for line in SAMPLE_TEST[31:41]]
+    report = (tmp_path / "both" / "report.md").read_text(encoding="utf-8")
+    for name in eval_files:
+        assert f"| {name} | all | model | 10 |" in report and f"![ROC]({name}/roc.png)" in report
+        assert f"### {name} ({eval_files[name]}, 10 rows)" in report
+
+
+def test_calibrate(adapter_dir, data_dir, tmp_path):
+    """--calibrate: a temperature fitted on the dev split, ECE before/after on every set, calibrated probabilities
+    in predictions.jsonl, calibration.json next to the report and in the adapter, where SentimentPredictor uses it."""
+    from sft.predictor import SentimentPredictor
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, adapter, ignore=shutil.ignore_patterns("eval_*"))
+    out = tmp_path / "out"
+    argv = ["--adapter", str(adapter), "--out", str(out), "--calibrate", "--max_samples", "16", "--no_progress"]
+    assert evaluate_main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    saved = json.loads((out / "calibration.json").read_text(encoding="utf-8"))
+    assert saved == json.loads((adapter / "calibration.json").read_text(encoding="utf-8")) == metrics["temperature"]
+    temperature = saved["temperature"]
+    assert saved["fitted_on"] == "validation" and saved["n"] == 16 and temperature != pytest.approx(1, abs=1e-3)
+    assert saved["log_loss_after"] <= saved["log_loss_before"]
+
+    rows = read_predictions(out)
+    gold = np.array([r["gold"] for r in rows])
+    raw = np.array([list(r["probs"].values()) for r in rows])
+    calibrated = np.array([list(r["calibrated_probs"].values()) for r in rows])
+    assert calibrated == pytest.approx(S.softmax_at(np.log(raw), temperature))
+    assert (calibrated.argmax(axis=1) == raw.argmax(axis=1)).all()  # accuracy unchanged
+    c = metrics["calibration"]
+    assert c["ece_before"] == pytest.approx(M.expected_calibration_error(gold, raw)) == metrics["ece"]
+    assert c["ece_after"] == pytest.approx(M.expected_calibration_error(gold, calibrated))
+    assert metrics["errors"]["probabilities"] == "calibrated"
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert f"## Calibration: temperature {temperature:.3g}" in report
+    assert f"| test | {c['ece_before']:.4f} | {c['ece_after']:.4f} |" in report
+
+    predictor = SentimentPredictor(lora_path=str(adapter), batch_size=4)
+    assert predictor.temperature == temperature
+    got = predictor.predict_batch([r["text"] for r in rows[:4]])
+    assert np.array([list(g["probs"].values()) for g in got]) == pytest.approx(calibrated[:4], abs=1e-5)
 
 
 def test_dev_split_max_samples_no_baseline(adapter_dir, data_dir, tmp_path):
@@ -194,12 +332,14 @@ def test_script_entry_point_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("rows", [11, 1])
-def test_two_processes_match_one(adapter_dir, data_dir, tmp_path, rows):
-    """`accelerate launch` with 2 CPU (gloo) processes: same rows, same order, same metrics as one process, also
-    with fewer rows than processes (one rank then scores a padding copy that the gather drops)."""
-    common = ["--adapter", str(adapter_dir), "--data_dir", str(data_dir), "--max_samples", str(rows), "--no_baseline",
-              "--batch_size", "4", "--no_progress"]
+@pytest.mark.parametrize("rows", [23, 1])
+def test_two_processes_match_one(adapter_dir, data_dir, eval_files, tmp_path, rows):
+    """`accelerate launch` with 2 CPU (gloo) processes: same rows, same order, same metrics, intervals, comparison,
+    calibration, error analysis and report as one process, on the split and on an --eval_set; also with fewer rows
+    than processes (one rank then scores a padding copy that the gather drops)."""
+    common = ["--adapter", str(adapter_dir), "--data_dir", str(data_dir), "--max_samples", str(rows), "--batch_size",
+              "4", "--no_progress"]
+    common += ["--calibrate", "--eval_set", f"books={eval_files['books']}"] if rows > 1 else ["--no_baseline"]
     assert evaluate_main([*common, "--out", str(tmp_path / "one")]) == 0
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "eval" / "evaluate.py"),
@@ -209,12 +349,26 @@ def test_two_processes_match_one(adapter_dir, data_dir, tmp_path, rows):
 
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text(encoding="utf-8")) for d in ("one", "two"))
     assert (one["world_size"], two["world_size"]) == (1, 2)
-    for key in ("n", "accuracy", "f1", "confusion_matrix"):
+    for key in ("n", "accuracy", "f1", "confusion_matrix", "accuracy_ci", "f1_ci", "comparison", "baseline"):
         assert one[key] == two[key], key
     assert two["auc"] == pytest.approx(one["auc"])
-    rows1, rows2 = read_predictions(tmp_path / "one"), read_predictions(tmp_path / "two")
-    assert [(r["index"], r["text"], r["gold"], r["pred"]) for r in rows1] == [
-        (r["index"], r["text"], r["gold"], r["pred"]) for r in rows2
-    ]
-    for a, b in zip(rows1, rows2, strict=True):
-        assert b["probs"] == pytest.approx(a["probs"], abs=1e-6)
+    for folder in ("", "books") if rows > 1 else ("",):
+        rows1, rows2 = read_predictions(tmp_path / "one" / folder), read_predictions(tmp_path / "two" / folder)
+        assert [(r["index"], r["text"], r["gold"], r["pred"]) for r in rows1] == [
+            (r["index"], r["text"], r["gold"], r["pred"]) for r in rows2
+        ]
+        for a, b in zip(rows1, rows2, strict=True):
+            assert b["probs"] == pytest.approx(a["probs"], abs=1e-6)
+    if rows > 1:  # the new figures: up to float noise in the probabilities, the same; the report reads the same
+        assert one["auc_ci"] == pytest.approx(two["auc_ci"]) and one["comparison"]["verdict"] in S.VERDICTS
+        # the dev rows' scores differ by ~1e-7 between shardings (batch shapes); this weak tiny model turns that into
+        # ~5e-6 of relative change in T, which the report's 3 digits do not show
+        assert one["temperature"] == pytest.approx(two["temperature"], rel=1e-4)
+        assert one["calibration"] == pytest.approx(two["calibration"], rel=1e-4)
+        mistakes = [m["errors"]["confident_mistakes"] for m in (one, two)]
+        assert [m["index"] for m in mistakes[0]] == [m["index"] for m in mistakes[1]]
+        assert [m["p"] for m in mistakes[0]] == pytest.approx([m["p"] for m in mistakes[1]], abs=1e-6)
+        assert one["errors"]["accuracy_by_length"] == two["errors"]["accuracy_by_length"]
+        assert one["eval_sets"]["books"]["comparison"] == two["eval_sets"]["books"]["comparison"]
+        report1, report2 = ((tmp_path / d / "report.md").read_text(encoding="utf-8") for d in ("one", "two"))
+        assert report2 == report1.replace("processes: 1", "processes: 2")

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def adapter_dir(tiny_model_dir, tmp_path_factory, lora_adapter) -> Path:
     adapter = lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "run", seed=3)
     (adapter / "recipe.yaml").write_text(f"model_name_or_path: {tiny_model_dir}\n", encoding="utf-8")
+    (adapter / "calibration.json").write_text('{"temperature": 1.5}', encoding="utf-8")  # eval/evaluate.py --calibrate
     return adapter
 
 
@@ -35,7 +36,7 @@ def test_merged_model_equals_adapter(adapter_dir, tiny_model_dir, tmp_path, caps
     assert not Path(f"{out}.tmp").exists()
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert not (out / "adapter_config.json").exists()
-    for name in ("template.json", "recipe.yaml", "tokenizer.json"):
+    for name in ("template.json", "recipe.yaml", "tokenizer.json", "calibration.json"):
         assert (out / name).is_file(), name
     info = json.loads((out / "run_info.json").read_text(encoding="utf-8"))
     assert info["kind"] == "merged" and info["adapter_kind"] == "lora" and info["merged_from"] == str(adapter_dir)

@@ -4,6 +4,7 @@ shows the difference between calibrated and over-confident probabilities."""
 from __future__ import annotations
 
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,11 @@ def test_reliability_shows_over_confidence(tmp_path, binary):
     a = M.plot_reliability(gold, calibrated, tmp_path / "calibrated.png")
     b = M.plot_reliability(gold, confident, tmp_path / "confident.png")
     assert png_size(a) == png_size(b) and a.read_bytes() != b.read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the title's arrow must be in the font
+        both = M.plot_reliability(gold, confident, tmp_path / "both.png", calibrated=calibrated)  # --calibrate
+        same = M.plot_reliability(gold, confident, tmp_path / "same.png", calibrated=confident)
+    assert png_size(both) == png_size(b) and both.read_bytes() != same.read_bytes()  # the second curve is drawn
 
 
 def test_degenerate_inputs_still_draw(tmp_path):

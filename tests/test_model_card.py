@@ -241,3 +241,25 @@ def test_usage_keeps_a_path_with_spaces_one_argument(tmp_path, monkeypatch):
     assert "python eval/predict.py --lora_path 'my runs/final' --text" in text
     assert "--adapter 'my runs/final' --out 'my runs/final-merged'" in text
     assert text.lstrip().startswith("# my runs\n")
+
+
+def test_card_shows_intervals_and_the_verdict_against_the_baseline(final_dir):
+    """The paired comparison eval/evaluate.py computes (sft.stats.compare) reaches the card as a verdict line."""
+    import numpy as np
+
+    from sft.stats import compare
+
+    gold = np.array([0, 1] * 100)
+    model, baseline = gold.copy(), gold.copy()
+    model[:30] = 1 - gold[:30]
+    comparison = compare(gold, model, baseline)
+    metrics = {**metrics_json(0.85, 1.0), "comparison": {**comparison, "clean": None}}
+    add_eval_results(final_dir, "test", metrics)
+    text = load(final_dir).text
+    low, high = comparison["accuracy_difference_ci"]
+    assert (f"- model vs TF-IDF + LR, all rows: worse (accuracy -0.1500 [{low:+.4f}, {high:+.4f}], McNemar p = "
+            f"{comparison['mcnemar_p']:.2g})") in text
+    assert "clean rows:" not in text and "[a, b]: 95% bootstrap interval" in text
+    stored = json.loads((Path(final_dir) / RESULTS_FILE).read_text(encoding="utf-8"))["splits"]["test"]
+    assert set(stored["comparison"]) == {"n", "verdict", "accuracy_difference", "accuracy_difference_ci",
+                                         "mcnemar_p", "clean"}

@@ -70,6 +70,30 @@ def test_zero_shot_and_base_override(tiny_model_dir, adapter_dir, predictor):
     assert same.predict(REVIEWS[0])["probs"] == pytest.approx(predictor.predict(REVIEWS[0])["probs"], abs=1e-6)
 
 
+def test_calibration_file_sets_the_temperature(adapter_dir, predictor, tmp_path):
+    """<adapter>/calibration.json (eval/evaluate.py --calibrate): probabilities become softmax(log-probs / T), the
+    labels stay; an explicit temperature wins; a broken file is a one-line error naming it, before any load."""
+    import shutil
+
+    from sft.stats import softmax_at
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(adapter_dir, calibrated)
+    (calibrated / "calibration.json").write_text('{"temperature": 2.5}', encoding="utf-8")
+    scaled = SentimentPredictor(lora_path=str(calibrated), batch_size=2)
+    assert predictor.temperature == 1.0 and scaled.temperature == 2.5
+    raw, got = predictor.predict_batch(REVIEWS), scaled.predict_batch(REVIEWS)
+    raw_probs = np.array([list(r["probs"].values()) for r in raw])
+    np.testing.assert_allclose([list(g["probs"].values()) for g in got], softmax_at(np.log(raw_probs), 2.5), atol=1e-6)
+    assert [g["label"] for g in got] == [r["label"] for r in raw]
+    assert SentimentPredictor(lora_path=str(calibrated), temperature=1.0).predict(REVIEWS[0])["probs"] == \
+        pytest.approx(raw[0]["probs"], abs=1e-6)
+    for bad, message in (('{"temperature": -1}', "must be a positive number, got -1"), ("[1.5]", "not a JSON object")):
+        (calibrated / "calibration.json").write_text(bad, encoding="utf-8")
+        with pytest.raises(ValueError, match=f"{calibrated / 'calibration.json'}: .*{message}"):
+            SentimentPredictor(lora_path=str(calibrated))
+
+
 def test_read_texts_formats(tmp_path):
     """predict --file reads through the training data's readers: same formats and column names, no label needed."""
     (tmp_path / "a.txt").write_text("好\n\n  \n差\n", encoding="utf-8")

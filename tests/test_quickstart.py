@@ -223,6 +223,9 @@ def test_help_examples_are_commands_that_work_after_the_quick_start(script):
             if flag in argv:
                 path = argv[argv.index(flag) + 1]
                 assert path == produced or path == "none" or (REPO / path).exists() or flag == "--file", (flag, path)
+        for i, flag in enumerate(argv):  # --eval_set NAME=PATH, repeatable: files of the repo
+            if flag == "--eval_set":
+                assert (REPO / argv[i + 1].split("=", 1)[1]).is_file(), argv[i + 1]
         if script == "sft/train.py":
             parse_recipe([a for a in argv if a != "--verbose"])
         else:
