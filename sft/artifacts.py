@@ -8,13 +8,16 @@ hit them directly.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,8 @@ class RunInfo:
     merged_from: str | None = None  # merge.py: the adapter folded in, its kind and the merged dtype
     adapter_kind: str | None = None
     merged_dtype: str | None = None
+    resumed_from: str | None = None  # the checkpoint this process resumed, None for a fresh run
+    steps_run: int | None = None  # optimizer steps this process ran (a resume runs only the remaining ones)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / RUN_INFO_FILE
@@ -205,16 +210,23 @@ def make_snapshot(model_args, loading_args, template: dict, train_texts: list[st
     }
 
 
-def check_snapshot(checkpoint: str | Path, current: dict) -> None:
-    """Resuming a checkpoint with another model, data or template silently trains something else: refuse."""
+def check_snapshot(checkpoint: str | Path, current: dict, allow_unverified: bool = False) -> None:
+    """Resuming a checkpoint with another model, data, template or LoRA shape silently trains something else: refuse.
+    Only the checkpoint's own snapshot counts, so a checkpoint copied elsewhere is checked too."""
     ckpt = Path(checkpoint)
     path = ckpt / SNAPSHOT_FILE
     if not path.is_file():
-        path = ckpt.parent / SNAPSHOT_FILE
-    if not path.is_file():
-        logger.warning("%s: no %s, cannot check that the recipe matches the checkpoint", ckpt, SNAPSHOT_FILE)
+        if not allow_unverified:
+            raise ResumeError(f"{ckpt}: no {SNAPSHOT_FILE}, so nothing shows it was trained with this recipe's model, "
+                              "data, template and LoRA shape; pass --allow_unverified_resume true to resume it anyway")
+        logger.warning("%s: no %s; resuming without checking it against the recipe (allow_unverified_resume)",
+                       ckpt, SNAPSHOT_FILE)
         return
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ResumeError(f"{path}: unreadable run snapshot ({e})") from None
+    saved = saved if isinstance(saved, dict) else {}
     diffs = [key for key in current if saved.get(key) != current[key]]
     if diffs:
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs recipe {current[k]!r}" for k in diffs[:3])
@@ -235,16 +247,49 @@ def write_json(path: str | Path, data: Any) -> None:
 
 # ----- final output ---------------------------------------------------------------------------------------------
 def swap_in(tmp: Path, final: Path) -> None:
-    """Replace `final` with the complete `tmp` by renames only: a crash leaves the old output, the new one, or both
-    complete (final.old + final) — never a half-written `final`."""
+    """Replace `final` with the complete `tmp`. On Linux the two names are exchanged by one atomic rename (renameat2
+    RENAME_EXCHANGE): a crash leaves the old complete `final` or the new one, never neither; the old one, now under
+    tmp's name, is then removed (by the next run's `recover_final` if a crash came first). Where the exchange is not
+    supported, two renames (final -> final.old, tmp -> final): a crash between them leaves final.old and no
+    `final` until the next run's `recover_final` restores it."""
     old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
+    if final.exists() and exchange_paths(tmp, final):
+        shutil.rmtree(tmp)
+        return
     if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(final, old)
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the OS or the file
+    system cannot (macOS, Windows, NFS...)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def recover_final(final: Path) -> None:
+    """Finish what a crash in `swap_in` left: final.old without `final` is the last complete output (restored),
+    final.old next to `final` is the replaced one (removed), and so is a leftover final.tmp."""
+    old, tmp = final.with_name(final.name + ".old"), final.with_name(final.name + ".tmp")
+    if old.exists() and not final.exists():
+        logger.warning("%s: restoring the previous output from %s (a crash interrupted its replacement)", final, old)
+        os.replace(old, final)
+    for leftover in (old, tmp):
+        if leftover.exists():
+            shutil.rmtree(leftover)
 
 
 def git_commit() -> str | None:

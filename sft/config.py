@@ -49,6 +49,9 @@ class RunArguments:
 
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Allow a fresh run (resume_from_checkpoint none) in a non-empty output_dir."})
+    allow_unverified_resume: bool = field(default=False, metadata={
+        "help": "Resume a checkpoint that has no run_snapshot.json (e.g. written by an older version), without "
+                "checking that it was trained with this recipe's model, data, template and LoRA shape."})
     label_position_loss: bool = field(default=True, metadata={
         "help": "Run the LM head only at label positions (same loss as TRL's, far less compute on CPU)."})
     dev_metrics: bool = field(default=True, metadata={

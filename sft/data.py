@@ -525,7 +525,7 @@ def _load_tokenizer(name: str) -> Any:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except Exception as e:
         raise DataError(f"cannot load tokenizer '{name}' ({type(e).__name__})") from e
 

@@ -104,15 +104,15 @@ def prepare(recipe) -> Prepared:
     snapshot = artifacts.make_snapshot(recipe.model, recipe.loading, template.to_dict(),
                                        splits["train"]["text"], splits["train"]["label"])
     if resume is not None:
-        artifacts.check_snapshot(resume, snapshot)
+        artifacts.check_snapshot(resume, snapshot, recipe.run.allow_unverified_resume)
 
     if state.is_main_process:
         if resume is None and recipe.run.overwrite_output_dir:
             artifacts.clear_previous_run(out)
+        artifacts.recover_final(out / artifacts.FINAL_DIR)  # what a crash during the last final swap left
         out.mkdir(parents=True, exist_ok=True)
         if splits.load_report.get("rejects"):
             write_rejects_file(splits.load_report["rejects_file"], splits.load_report.pop("rejects"))
-        artifacts.write_json(out / artifacts.SNAPSHOT_FILE, snapshot)
         artifacts.write_text_atomic(out / artifacts.RECIPE_FILE, dump_resolved(recipe))
     state.wait_for_everyone()
     return Prepared(base, tokenizer, template, splits, train, eval_records, resume, snapshot)
@@ -170,6 +170,7 @@ def build_trainer(recipe, prepared: Prepared, model=None):
         template=prepared.template,
         dev_split=prepared.splits["validation"] if dev else None,
         label_position_loss=recipe.run.label_position_loss,
+        snapshot=prepared.snapshot,
     )
 
 
@@ -203,6 +204,8 @@ def run_info(trainer, recipe, prepared: Prepared, final: Path) -> artifacts.RunI
         data=getattr(prepared.splits, "load_report", None),
         versions=artifacts.library_versions(),
         git_commit=artifacts.git_commit(),
+        resumed_from=prepared.resume,
+        steps_run=trainer.step_counter.steps,
     )
 
 
@@ -213,8 +216,8 @@ def save_final(trainer, recipe, prepared: Prepared, metrics: dict) -> Path:
 
     out = Path(recipe.training.output_dir)
     final, tmp = out / artifacts.FINAL_DIR, out / (artifacts.FINAL_DIR + ".tmp")
-    if trainer.accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if trainer.accelerator.is_main_process:
+        artifacts.recover_final(final)  # (also removes a leftover final.tmp)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))  # every rank joins: ZeRO-3 gathers the sharded weights here
     if trainer.accelerator.is_main_process:
@@ -248,6 +251,7 @@ def train(recipe):
     finally:
         preemption.restore()
     if preemption.received is not None:
+        trainer.accelerator.wait_for_everyone()  # no rank exits (and gets the rest killed) before the save is done
         raise Preempted(preemption.received, trainer.state.global_step, recipe.training.output_dir)
     metrics = dict(result.metrics)
     if prepared.eval_records is not None:

@@ -179,7 +179,8 @@ def _dequantize(folder: Path, gguf_file: str, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32,
+                                                      trust_remote_code=False)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -192,7 +193,7 @@ def _dequantize(folder: Path, gguf_file: str, out: Path) -> None:
     model.tie_weights()
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=False).save_pretrained(out)
 
 
 # ----- one entry point ------------------------------------------------------------------------------------------

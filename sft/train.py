@@ -8,6 +8,7 @@ trainer, the atomic `<output_dir>/final`), score the test split with do_predict 
 the result is and how good it is.
 """
 
+import signal
 import sys
 from pathlib import Path
 
@@ -75,8 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
+        # Stopping already: the SIGTERM a launcher (torchrun) sends the ranks still exiting must not turn this
+        # orderly exit, with its own code, into a kill.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training began): no checkpoint of this step
+        print("stopped: interrupted by Ctrl-C without saving a checkpoint of the current step; the same command plus "
+              "--resume_from_checkpoint auto resumes from the newest complete checkpoint, if any", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 

@@ -14,22 +14,38 @@ from __future__ import annotations
 
 import logging
 import signal
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
+
+from sft.artifacts import SNAPSHOT_FILE, write_json
 
 logger = logging.getLogger(__name__)
 
 
 class ClassificationSFTTrainer(SFTTrainer):
     def __init__(self, *args, template=None, dev_split=None, dev_batch_size: int | None = None,
-                 label_position_loss: bool = True, **kwargs):
+                 label_position_loss: bool = True, snapshot: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.label_position_loss = label_position_loss
         self.template = template
         self.dev_split = dev_split  # datasets.Dataset with text/label, or None to skip label metrics
         self.dev_batch_size = dev_batch_size or self.args.per_device_eval_batch_size
+        self.snapshot = snapshot  # sft.artifacts.make_snapshot: written into every checkpoint
+        self.step_counter = StepCounter()
+        self.add_callback(self.step_counter)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Every checkpoint-N/ carries the run snapshot, written before trainer_state.json (which makes a checkpoint
+        complete), so a checkpoint copied elsewhere and resumed is still checked against the recipe."""
+        if self.snapshot is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / SNAPSHOT_FILE, self.snapshot)
+        super()._save_checkpoint(model, trial)
 
     def label_metrics(self) -> dict[str, float]:
         return dev_label_metrics(self.accelerator.state, self.model, self.processing_class, self.template,
@@ -138,6 +154,17 @@ def disable_bnb_cpu_repack(model) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+class StepCounter(TrainerCallback):
+    """Optimizer steps run by this process: a resumed run must run only the remaining ones, a restart all of them
+    (recorded as RunInfo.steps_run)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
 
 
 class PreemptionCallback(TrainerCallback):

@@ -56,12 +56,15 @@ def render(table: ModuleType) -> str:
         "",
         f"{len(table.CASES)} cases. Placeholders: `<tmp>` is the case's fresh directory (the files it writes are in "
         "the case's `files`), `<tiny>` the tiny Qwen2 (hidden size 64, vocabulary 151936), `<tiny-hidden32>` and "
-        "`<tiny-vocab151700>` two other tiny bases, `<adapter>` a LoRA adapter trained on `<tiny>`. "
+        "`<tiny-vocab151700>` two other tiny bases, `<adapter>` a LoRA adapter trained on `<tiny>`, `<checkpoint>` "
+        f"the real `checkpoint-1` of a two-step run of `{DEMO}` (its `run_snapshot.json` is what resuming with "
+        f"`{DEMO}` expects). "
         f"`{DEMO}` stands for `{_display(table, ' '.join(table.cmd()))}`. "
         "`python …` cases run the real command; `….main(argv)` cases call the same entry point in-process. "
         f"`{ANY}` in an expected message stands for any text. "
         "Every failing command must print exactly one final `error:` line, no traceback, exit 2, create no "
-        "output directory, write nothing in its working directory and load no model weights.",
+        "output directory, write nothing in its working directory and load no model weights (`tests/model_guard.py` "
+        "replaces the model loader: in-process it fails the test, around a real command it exits 97).",
     ]
     for kind, title in table.KINDS.items():
         out += ["", f"### {title}", "", "| case | input | run as | expected outcome | status |",

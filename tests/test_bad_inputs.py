@@ -54,6 +54,7 @@ PLACES = {
     "narrow": ("narrow_base", "<tiny-hidden32>"),
     "bigvocab": ("bigvocab_base", "<tiny-vocab151700>"),
     "adapter": ("adapter_dir", "<adapter>"),
+    "checkpoint": ("trained_checkpoint", "<checkpoint>"),
 }
 PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACES) + r")\}")
 
@@ -102,11 +103,9 @@ TSV3 = HEADER + "".join(f"{y}\t{t}\n" for y, t in (G1, G2, G3))
 RECIPE = "model_name_or_path: {tiny}\n"
 RECIPE_ARGS = ("{tmp}/recipe.yaml", "--output_dir", "{tmp}/out", "--data_dir", "{sample}", "--max_train_samples", "16")
 NOT_COMPLETE = "not a complete checkpoint (no trainer_state.json); pick another or use auto"
-SNAPSHOT_DIFF = ("{tmp}/old/checkpoint-2: recipe differs from the checkpoint's run (model_name_or_path: checkpoint "
-                 "None vs recipe '{tiny}'; model_revision: checkpoint None vs recipe 'main'; use_peft: checkpoint None "
-                 "vs recipe True)")
 EVAL = ("--adapter", "{adapter}", "--data_dir", "{sample}", "--out", "{tmp}/out", "--no_progress")
-OLD_CHECKPOINT = {"old/checkpoint-2/trainer_state.json": "{}", "old/checkpoint-2/run_snapshot.json": "{}"}
+NO_SNAPSHOT = ("{tmp}/old/checkpoint-1: no run_snapshot.json, so nothing shows it was trained with this recipe's "
+               "model, data, template and LoRA shape; pass --allow_unverified_resume true to resume it anyway")
 CASES: list[Case] = [
     # ------------------------------------------------------------------------------------------------ data files
     Case("wrong-delimiter", "data", "CSV separated by `;`", "read_examples", ("{broken}/wrong_delimiter.csv",),
@@ -245,11 +244,11 @@ CASES: list[Case] = [
     Case("train-missing-data-dir", "data", "data_dir that does not exist", "sft.train.main",
          cmd("--data_dir", "{tmp}/nope"), error="data_dir '{tmp}/nope' does not exist or is not a directory"),
     Case("train-skip-then-early-failure", "data",
-         "`on_bad_rows: skip` with a bad row, then a later early check fails (checkpoint of another run)",
+         "`on_bad_rows: skip` with a bad row, then a later early check fails (checkpoint without its snapshot)",
          "sft.train.main",
          cmd("--on_bad_rows", "skip", "--train_file", "{broken}/unknown_label_2.tsv",
-             "--resume_from_checkpoint", "{tmp}/old/checkpoint-2", "--eval_strategy", "no"),
-         files=OLD_CHECKPOINT, error=SNAPSHOT_DIFF),
+             "--resume_from_checkpoint", "{tmp}/old/checkpoint-1", "--eval_strategy", "no"),
+         setup="checkpoint_without_snapshot", error=NO_SNAPSHOT),
     Case("evaluate-dir-without-test-split", "data", "evaluate --data_dir without a test file", "eval.evaluate.main",
          ("--adapter", "{adapter}", "--data_dir", "{broken}/no_test_split", "--out", "{tmp}/out", "--no_progress"),
          error="data_dir '{broken}/no_test_split' has no test split (looked for test.*; found: dev.tsv, train.tsv)"),
@@ -356,10 +355,19 @@ CASES: list[Case] = [
     Case("checkpoint-missing", "model", "--resume_from_checkpoint DIR that does not exist", "sft.train.main",
          cmd("--resume_from_checkpoint", "{tmp}/run/checkpoint-8"),
          error="{tmp}/run/checkpoint-8: checkpoint to resume from does not exist"),
-    Case("checkpoint-of-another-run", "model", "--resume_from_checkpoint DIR trained with another model/recipe",
-         "sft.train.main", cmd("--resume_from_checkpoint", "{tmp}/old/checkpoint-2", "--eval_strategy", "no"),
-         files=OLD_CHECKPOINT,
-         error=SNAPSHOT_DIFF),
+    Case("checkpoint-without-snapshot", "model",
+         "--resume_from_checkpoint DIR: a real checkpoint whose run_snapshot.json was deleted (nothing to check)",
+         "sft.train.main", cmd("--resume_from_checkpoint", "{tmp}/old/checkpoint-1", "--eval_strategy", "no"),
+         setup="checkpoint_without_snapshot", error=NO_SNAPSHOT),
+    Case("checkpoint-of-other-data", "model",
+         "--resume_from_checkpoint of a run trained on other rows (same count: only the train fingerprint differs)",
+         "sft.train.main",
+         cmd("--resume_from_checkpoint", "{checkpoint}", "--train_file", "{sample}/test.tsv", "--eval_strategy", "no"),
+         error="{checkpoint}: recipe differs from the checkpoint's run (train_fingerprint: checkpoint '…' vs recipe "
+               "'…')"),
+    Case("checkpoint-other-lora-shape", "model", "--resume_from_checkpoint of a run trained with lora_r 16, now 8",
+         "sft.train.main", cmd("--resume_from_checkpoint", "{checkpoint}", "--lora_r", "8", "--eval_strategy", "no"),
+         error="{checkpoint}: recipe differs from the checkpoint's run (lora_r: checkpoint 16 vs recipe 8)"),
     Case("output-dir-is-a-file", "model", "--output_dir naming an existing file", "sft.train.main",
          ("{demo}", "--model_name_or_path", "{tiny}", "--output_dir", "{tmp}/out.txt", "--data_dir", "{sample}"),
          files={"out.txt": "x"},
@@ -383,7 +391,13 @@ def _half_download(ctx: Context) -> None:
     shutil.copy(Path(ctx.get("tiny")) / "config.json", ctx.tmp / "half" / "config.json")
 
 
-SETUPS = {"adapter_without_signature": _adapter_without_signature, "half_download": _half_download}
+def _checkpoint_without_snapshot(ctx: Context) -> None:
+    shutil.copytree(ctx.get("checkpoint"), ctx.tmp / "old" / "checkpoint-1")
+    (ctx.tmp / "old" / "checkpoint-1" / "run_snapshot.json").unlink()
+
+
+SETUPS = {"adapter_without_signature": _adapter_without_signature, "half_download": _half_download,
+          "checkpoint_without_snapshot": _checkpoint_without_snapshot}
 
 
 class Context:
@@ -461,6 +475,22 @@ def adapter_dir(tiny_model_dir, tmp_path_factory, lora_adapter) -> Path:
 
 
 @pytest.fixture(scope="module")
+def trained_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
+    """checkpoint-1 of a real two-step run (one step would end with the warmup's zero learning rate and an adapter
+    the final check refuses) of the table's train.py arguments (`cmd()`): its run_snapshot.json is what a resume
+    with those arguments expects, so a case that changes one of them differs in one field."""
+    from sft.config import parse_recipe
+    from sft.run import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    fixed = {"{demo}": str(REPO / "recipes" / "demo.yaml"), "{tiny}": str(tiny_model_dir), "{sample}": str(SAMPLE),
+             "{tmp}/out": str(out)}
+    train(parse_recipe([fixed.get(a, a) for a in cmd("--max_steps", "2", "--save_steps", "1", "--eval_strategy", "no",
+                                                     "--do_predict", "false")]))
+    return out / "checkpoint-1"
+
+
+@pytest.fixture(scope="module")
 def background_commands(request, tmp_path_factory):
     """Start the selected subprocess cases now, one at a time in a background thread, so their ~8 s of imports
     each overlap with the in-process cases; a test then only collects its result."""
@@ -473,7 +503,8 @@ def background_commands(request, tmp_path_factory):
     for case in sorted(cases, key=needs_fixture):  # these start while the tiny model is being built
         ctx = Context(case, tmp_path_factory.mktemp(case.id), request.getfixturevalue)
         ctx.prepare()  # inputs and fixtures are built here, in the main thread
-        argv = [sys.executable, str(REPO / SUBPROCESS[case.via]), *map(ctx.fmt, case.args)]
+        guard = [] if case.loads_model else [str(REPO / "tests" / "model_guard.py")]  # exit 97 if a model loads
+        argv = [sys.executable, *guard, str(REPO / SUBPROCESS[case.via]), *map(ctx.fmt, case.args)]
         runs[case.id] = (pool.submit(run_command, argv, ctx.tmp / "cwd"), ctx)
     yield runs
     pool.shutdown(wait=True, cancel_futures=True)
@@ -481,27 +512,26 @@ def background_commands(request, tmp_path_factory):
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
-    """Early checks must fail before any weights load: loading one fails the case."""
-    import sft.model
+    """Early checks must fail before any weights load: loading one fails the case (tests/model_guard.py, the guard
+    the real commands run under too)."""
+    from model_guard import forbid_model_loads
 
-    def refuse(name_or_path, **kwargs):
-        raise AssertionError(f"model weights were loaded from {name_or_path} before the error")
+    def fail(message: str) -> None:
+        raise AssertionError(f"model_guard: {message}")
 
-    monkeypatch.setattr(sft.model, "load_model", refuse)
+    forbid_model_loads(monkeypatch.setattr, fail)
 
 
 # ----------------------------------------------------------------------------------------------- the table
 
 
-def run_in_process(case: Case, ctx: Context, capsys) -> tuple[int, str]:
+def run_in_process(case: Case, ctx: Context, argv: list[str], capsys) -> tuple[int, str]:
     """Call the command's main(argv) like the command line would; any exception is a traceback for the user."""
     from eval.evaluate import main as evaluate_main
     from eval.predict import main as predict_main
     from sft.train import main as train_main
 
     entry = {"sft.train.main": train_main, "eval.predict.main": predict_main, "eval.evaluate.main": evaluate_main}
-    ctx.prepare()
-    argv = [ctx.fmt(a) for a in case.args]
     capsys.readouterr()
     cwd = os.getcwd()
     os.chdir(ctx.tmp / "cwd")
@@ -515,6 +545,7 @@ def run_in_process(case: Case, ctx: Context, capsys) -> tuple[int, str]:
 
 
 def check_command(case: Case, ctx: Context, code: int, stderr: str) -> None:
+    assert "model_guard:" not in stderr, stderr[-3000:]  # a model loaded before the error (the guard's exit 97)
     assert "Traceback" not in stderr, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
@@ -522,8 +553,6 @@ def check_command(case: Case, ctx: Context, code: int, stderr: str) -> None:
     expected = "error: " + ctx.fmt(case.error)
     assert matches(errors[0], expected), f"\n  got      {errors[0]}\n  expected {expected}"
     assert code == case.exit
-    if not case.loads_model:
-        assert "Loading weights" not in stderr
     assert not (ctx.tmp / "out").exists(), "the failed run created its output directory"
     assert list((ctx.tmp / "cwd").iterdir()) == [], "the failed run wrote into the working directory"
 
@@ -573,9 +602,11 @@ def test_bad_input(case, request, tmp_path, capsys, caplog, background_commands)
         check_command(case, ctx, *future.result())
     elif case.via in IN_PROCESS_CLI:
         ctx = Context(case, tmp_path, request.getfixturevalue)
+        ctx.prepare()
+        argv = [ctx.fmt(a) for a in case.args]  # fixtures (which may train or load models) are built before the guard
         if not case.loads_model:
             request.getfixturevalue("no_model_loads")
-        check_command(case, ctx, *run_in_process(case, ctx, capsys))
+        check_command(case, ctx, *run_in_process(case, ctx, argv, capsys))
     else:
         check_function(case, Context(case, tmp_path, request.getfixturevalue), caplog)
 
@@ -601,3 +632,26 @@ def test_reliability_doc_is_up_to_date():
     doc = (REPO / "docs" / "reliability.md").read_text(encoding="utf-8")
     assert make_reliability_doc.update(doc, sys.modules[__name__]) == doc, (
         "docs/reliability.md is stale: run python tests/make_reliability_doc.py")
+
+
+def test_reliability_doc_names_only_existing_tests():
+    """Each claim of docs/reliability.md names the test behind it: a renamed or deleted test (or table case) must not
+    leave a claim that nothing checks."""
+    import ast
+
+    doc = (REPO / "docs" / "reliability.md").read_text(encoding="utf-8").split(make_doc().BEGIN)[0]
+    defined = {path.name: {node.name for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                           if isinstance(node, ast.FunctionDef)} for path in (REPO / "tests").glob("test_*.py")}
+    tests = re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)(?=[`\[])", doc)
+    missing = [f"{file or 'test_reliability.py'}::{name}" for file, name in tests
+               if name not in defined[file or "test_reliability.py"]]
+    cases = [case for group in re.findall(r"cases? ((?:`[a-z0-9-]+`(?:,?\s+(?:and\s+)?)?)+)", doc)
+             for case in re.findall(r"`([a-z0-9-]+)`", group)]
+    missing += [f"case {case}" for case in cases if case not in {c.id for c in CASES}]
+    assert len(tests) >= 20 and len(cases) >= 5 and not missing, missing
+
+
+def make_doc():
+    import make_reliability_doc
+
+    return make_reliability_doc

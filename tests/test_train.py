@@ -2,6 +2,7 @@
 multi-process DDP and DeepSpeed ZeRO-2/3 on CPU (real gloo ranks), launch configs."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -28,10 +29,14 @@ def demo_argv(model_dir, out, *extra):
 
 @pytest.fixture(scope="module")
 def demo_run(tiny_model_dir, tmp_path_factory):
-    """One in-process demo run shared by several tests (training is the slow part)."""
+    """One in-process demo run shared by several tests (training is the slow part). It saves every step, so the
+    default save_total_limit (3) keeps checkpoints 2, 3 and 4 for the resume tests."""
     out = tmp_path_factory.mktemp("demo")
-    trainer, final = train(parse_recipe(demo_argv(tiny_model_dir, out)))
+    trainer, final = train(parse_recipe(demo_argv(tiny_model_dir, out, *DEMO_RUN)))
     return trainer, final, out
+
+
+DEMO_RUN = ("--save_steps", "1")  # demo_run's arguments: a resume compared with it must use the same
 
 
 def test_demo_writes_a_self_describing_adapter(demo_run):
@@ -42,8 +47,12 @@ def test_demo_writes_a_self_describing_adapter(demo_run):
         assert (final / name).is_file(), name
     assert not (out / "final.tmp").exists()
     assert not list(final.glob("*.bin")) and not list(final.glob("*.pt*"))  # no pickles in the final output
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    snapshot = json.loads((final / "run_snapshot.json").read_text())
+    for checkpoint in out.glob("checkpoint-*"):  # each checkpoint says what it was trained on, wherever it goes
+        assert json.loads((checkpoint / "run_snapshot.json").read_text()) == snapshot, checkpoint.name
     info = json.loads((final / "run_info.json").read_text())
+    assert info["resumed_from"] is None and info["steps_run"] == 4
     assert info["kind"] == "lora" and info["world_size"] == 1 and info["base_signature"]["vocab_size"] == 151936
     assert info["data"]["files"]["train"].endswith("train.tsv") and info["data"]["rejected_rows"] == 0
     assert info["versions"]["trl"] and info["git_commit"]
@@ -148,8 +157,13 @@ def test_only_the_intended_parameters_change(tiny_model_dir, tmp_path, mode):
     trainer, final = train(recipe)  # QLoRA evaluates at every step: train -> eval -> train must keep working
     after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
              for n, p in trainer.model.named_parameters()}
-    changed = {n for n, p in after.items() if n in before and p.shape == before[n].shape
-               and not torch.equal(p.detach().float(), before[n].float())}
+    compared = {n for n, p in after.items() if n in before and p.shape == before[n].shape}
+    # PEFT renaming its parameters would leave nothing to compare, and "nothing changed" would pass vacuously
+    if mode == "qlora":  # 4-bit weights are packed into other shapes: embeddings, norms and the head remain
+        assert {n for n in compared if "norm" in n} and "model.embed_tokens.weight" in compared
+    else:
+        assert compared == set(before), sorted(set(before) - compared)[:3]
+    changed = {n for n in compared if not torch.equal(after[n].detach().float(), before[n].float())}
     lora = {n for n, p in trainer.model.named_parameters() if "lora_" in n}
     if mode == "full":
         assert not lora and len(changed) >= len(before) // 2
@@ -191,25 +205,74 @@ def test_lora_on_top_layers_with_cpu_bf16_autocast(tiny_model_dir, tmp_path, mon
         train(bad)
 
 
-def test_resume_auto_continues_from_the_newest_checkpoint(demo_run, tiny_model_dir, tmp_path):
-    """A run stopped after checkpoint-2 resumes there and ends with the uninterrupted run's adapter."""
+def copy_checkpoints(source: Path, out: Path, *steps: int) -> None:
     import shutil
 
+    for step in steps:
+        shutil.copytree(source / f"checkpoint-{step}", out / f"checkpoint-{step}")
+
+
+def adapter_weights(directory: Path) -> dict:
     from safetensors.torch import load_file
 
+    return load_file(directory / "adapter_model.safetensors")
+
+
+def test_resume_auto_continues_from_the_newest_complete_checkpoint(demo_run, tiny_model_dir, tmp_path, caplog):
+    """Three checkpoints, the newest cut short (no trainer_state.json): auto resumes checkpoint-3, says so, runs the
+    one remaining step (counted inside the run: a restart would run 4) and ends with the uninterrupted adapter."""
     _, reference_final, reference_out = demo_run
     out = tmp_path / "run"
-    shutil.copytree(reference_out / "checkpoint-2", out / "checkpoint-2")
-    shutil.copy(reference_out / "run_snapshot.json", out / "run_snapshot.json")
-    trainer, final = train(parse_recipe(demo_argv(tiny_model_dir, out, "--resume_from_checkpoint", "auto")))
+    copy_checkpoints(reference_out, out, 2, 3, 4)
+    (out / "checkpoint-4" / "trainer_state.json").unlink()
+    with caplog.at_level(logging.INFO, logger="sft.artifacts"):
+        trainer, final = train(parse_recipe(demo_argv(tiny_model_dir, out, *DEMO_RUN, "--resume_from_checkpoint",
+                                                      "auto")))
+    assert "ignoring incomplete checkpoints (no trainer_state.json): checkpoint-4" in caplog.text
+    assert f"resume_from_checkpoint=auto: resuming from {out / 'checkpoint-3'}" in caplog.text
+    info = json.loads((final / "run_info.json").read_text())
+    assert info["resumed_from"] == str(out / "checkpoint-3") and info["steps_run"] == 1
     assert trainer.state.global_step == 4
     steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
-    assert steps[0] == 1 and steps[-1] == 4  # history from the checkpoint, then steps 3 and 4
-    ours, reference = load_file(final / "adapter_model.safetensors"), load_file(
-        reference_final / "adapter_model.safetensors")
+    assert steps == [1, 2, 3, 4]  # the history up to step 3 came from the checkpoint
+    ours, reference = adapter_weights(final), adapter_weights(reference_final)
     assert ours.keys() == reference.keys()
     for key in ours:
         assert torch.allclose(ours[key], reference[key], atol=1e-6), key
+
+
+def test_resume_reads_the_checkpoint_weights(demo_run, tiny_model_dir, tmp_path):
+    """CPU runs are deterministic, so a run of the same arguments that silently restarted from step 0 would end with
+    exactly the reference adapter. Resumed from a checkpoint whose LoRA weights were altered, it must end elsewhere."""
+    from safetensors.torch import save_file
+
+    _, reference_final, reference_out = demo_run
+    out = tmp_path / "run"
+    copy_checkpoints(reference_out, out, 2)
+    path = out / "checkpoint-2" / "adapter_model.safetensors"
+    save_file({k: v * 1.5 for k, v in adapter_weights(path.parent).items()}, path)
+    _, final = train(parse_recipe(demo_argv(tiny_model_dir, out, *DEMO_RUN, "--resume_from_checkpoint",
+                                            str(out / "checkpoint-2"))))
+    info = json.loads((final / "run_info.json").read_text())
+    assert info["resumed_from"] == str(out / "checkpoint-2") and info["steps_run"] == 2
+    ours, reference = adapter_weights(final), adapter_weights(reference_final)
+    assert max((ours[k] - reference[k]).abs().max().item() for k in ours) > 1e-3
+
+
+def test_a_checkpoint_without_its_snapshot_resumes_only_when_allowed(demo_run, tiny_model_dir, tmp_path, caplog):
+    from sft.artifacts import ResumeError
+
+    _, _, reference_out = demo_run
+    out = tmp_path / "run"
+    copy_checkpoints(reference_out, out, 3)
+    (out / "checkpoint-3" / "run_snapshot.json").unlink()
+    argv = demo_argv(tiny_model_dir, out, "--resume_from_checkpoint", "auto", "--eval_strategy", "no")
+    with pytest.raises(ResumeError, match="checkpoint-3: no run_snapshot.json.*--allow_unverified_resume true"):
+        train(parse_recipe(argv))
+    with caplog.at_level(logging.WARNING, logger="sft.artifacts"):
+        _, final = train(parse_recipe([*argv, "--allow_unverified_resume", "true"]))
+    assert "checkpoint-3: no run_snapshot.json; resuming without checking it" in caplog.text
+    assert json.loads((final / "run_info.json").read_text())["steps_run"] == 1
 
 
 def run_cli(argv, env=None, timeout=600):
@@ -236,8 +299,7 @@ def test_resume_with_another_template_is_refused(demo_run, tiny_model_dir, tmp_p
 
     _, _, reference_out = demo_run
     out = tmp_path / "run"
-    shutil.copytree(reference_out / "checkpoint-2", out / "checkpoint-2")
-    shutil.copy(reference_out / "run_snapshot.json", out / "run_snapshot.json")
+    shutil.copytree(reference_out / "checkpoint-2", out / "checkpoint-2")  # it carries its run_snapshot.json
     result = run_cli([sys.executable, "sft/train.py", *demo_argv(tiny_model_dir, out),
                       "--resume_from_checkpoint", "auto", "--verbalizers", "差评", "好评"])
     assert result.returncode == 2
@@ -255,7 +317,6 @@ def test_resume_with_another_lora_shape_is_refused(demo_run, tiny_model_dir, tmp
                                 ["--lora_layers_to_transform", "1"])):
         out = tmp_path / f"run{i}"
         shutil.copytree(reference_out / "checkpoint-2", out / "checkpoint-2")
-        shutil.copy(reference_out / "run_snapshot.json", out / "run_snapshot.json")
         key = change[0][2:]
         with pytest.raises(ResumeError, match=f"recipe differs from the checkpoint's run .*{key}: checkpoint"):
             train(parse_recipe(demo_argv(tiny_model_dir, out, "--resume_from_checkpoint", "auto", *change)))
@@ -287,6 +348,9 @@ def test_two_process_cpu_runs(tiny_model_dir, tmp_path, torch_extensions_dir, la
     assert result.returncode == 0, result.stderr[-4000:]
     info = json.loads((out / "final" / "run_info.json").read_text())
     assert info["world_size"] == 2
+    # what the run itself recorded: gloo DDP over CPU ranks, or DeepSpeed with the launch config's ZeRO stage
+    assert (info["distributed_type"], info["zero_stage"]) == {
+        "cpu_ddp": ("MULTI_CPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3)}[launch]
     assert check_adapter_weights(out / "final") > 0  # the ZeRO-3 empty-adapter guard passes
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("final")) == ["final"]
     if predict:
