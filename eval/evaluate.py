@@ -57,9 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     from sft.quiet import setup_logging
     from sft.ranks import is_main_rank, process_state
+    from sft.sources import check_hub_before_library_imports
 
     args = parse_args(argv)
     setup_logging(args.verbose, main_process=is_main_rank())
+    check_hub_before_library_imports()
     state = process_state()
     try:
         metrics = evaluate(EvalOptions(**{k: v for k, v in vars(args).items() if k != "verbose"}))

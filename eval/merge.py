@@ -98,9 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from sft.quiet import setup_logging
+    from sft.sources import check_hub_before_library_imports
 
     args = parse_args(argv)
     setup_logging(args.verbose)
+    check_hub_before_library_imports()
     try:
         diff = merge(args.adapter, args.out, args.dtype, args.tolerance, args.base, args.overwrite, args.device)
     except VerificationError as e:

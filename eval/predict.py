@@ -90,9 +90,11 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> int:
     from sft.quiet import setup_logging
+    from sft.sources import check_hub_before_library_imports
 
     args = parse_args(argv)
     setup_logging(args.verbose)
+    check_hub_before_library_imports()
     logging.getLogger("eval").setLevel(logging.WARNING)  # stdout is the predictions; stderr only what matters
     try:
         run(args)

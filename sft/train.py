@@ -44,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     from sft.config import RecipeError, make_parser, parse_recipe, usage
     from sft.quiet import setup_logging
     from sft.ranks import is_main_rank
+    from sft.sources import check_hub_before_library_imports
 
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging("--verbose" in argv, main_process=is_main_rank())
+    check_hub_before_library_imports()
     if {"-h", "--help"} & set(argv):
         print(usage())
         return 0
