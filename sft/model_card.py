@@ -59,8 +59,7 @@ def build_card(final_dir: str, run_info: dict, recipe: dict, stored: dict) -> Mo
     kind = run_info.get("kind") or ("full" if recipe.get("use_peft") is False else
                                     "qlora" if recipe.get("load_in_4bit") else "lora")
     peft, base = kind in ("lora", "qlora"), run_info.get("base_model") or recipe.get("model_name_or_path")
-    path = Path(final_dir).resolve()  # the run's name: the directory holding final/, else final_dir's own name
-    name = path.parent.name if path.name == "final" and path.parent.name else path.name or "model"
+    name = run_name(final_dir)
     labels = recipe.get("verbalizers") or _read_json(Path(final_dir) / artifacts.TEMPLATE_FILE).get("verbalizers")
     labels = [str(v) for v in labels or []]
     hub_data, data_name, data_text = _data_source(run_info, recipe)
@@ -98,6 +97,17 @@ def build_card(final_dir: str, run_info: dict, recipe: dict, stored: dict) -> Mo
     body = [intro, _training_sections(data_text, run_info, recipe, peft),
             _results_section(final_dir, stored.get("dev") or {}, splits), usage]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(body) + "\n")
+
+
+def run_name(final_dir: str | Path) -> str:
+    """The run's name: the directory holding final/, else final_dir's own name (the card's title, the served model)."""
+    path = Path(final_dir).resolve()
+    return path.parent.name if path.name == "final" and path.parent.name else path.name or "model"
+
+
+def stored_results(final_dir: str | Path) -> dict:
+    """The figures the card shows: {"dev": training-time dev metrics, "splits": {split: evaluated figures}}."""
+    return _load_results(Path(final_dir))
 
 
 def _read_json(path: Path) -> dict:  # {} when missing or not an object
