@@ -57,3 +57,18 @@ def test_smollm2_path_prints_the_gguf_folder_and_its_dequantized_copy():
     lines = run_bench("smollm2_path.py")
     assert (Path(lines[-2]) / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
     assert (Path(lines[-1]) / "model.safetensors").is_file() and (Path(lines[-1]) / "tokenizer.json").is_file()
+
+
+def test_serve_load_runs(tiny_model_dir):
+    lines = run_bench("serve_load.py", "--base", str(tiny_model_dir), "--data_dir", str(SAMPLE), "--concurrency",
+                      "1", "4", "--requests", "8", "--rounds", "2", "--seconds", "30", "--warmup", "2",
+                      "--compare_at", "4", "--threads", "1", timeout=400)
+    assert lines[-1].startswith("SUMMARY serve_load: texts/s by concurrency 1: ")
+    assert "errors 0; micro-batching vs batch size 1 at concurrency 4: " in lines[-1]
+    assert "the scorer alone, 4 texts per call vs 1: " in lines[-1]
+    rows = [line.split(" | ") for line in lines if line.startswith(("| micro-batching", "| batch size 1"))]
+    assert [row[:4] for row in rows] == [["| micro-batching (32)", "1", "8", "0"],
+                                         ["| micro-batching (32)", "4", "8", "0"],
+                                         ["| micro-batching (32), interleaved", "4", "8", "0"],
+                                         ["| batch size 1, interleaved", "4", "8", "0"]]
+    assert rows[-1][-1] == "1.0 |"  # the comparison server really scores one text per call
