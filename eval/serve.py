@@ -266,9 +266,11 @@ def serve(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     from sft.artifacts import RunInfo
     from sft.quiet import setup_logging
+    from sft.sources import check_hub_before_library_imports
 
     args = parse_args(argv)
     setup_logging(args.verbose)
+    check_hub_before_library_imports()
     try:
         if args.adapter:
             RunInfo.load(args.adapter)  # a wrong directory fails now, in one line, not after the server started
