@@ -34,6 +34,9 @@ def quiet_library_noise() -> None:
     # bitsandbytes 0.50 looks for optional CPU 4-bit kernels in the `kernels` package at import and warns when it is
     # absent; its built-in CPU kernels are used instead.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # ... and offline (sft.sources goes offline before that import when the hub does not answer), `kernels` first
+    # warns that it skips the publisher check of that kernel; none is cached, so the built-in ones are used.
+    logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
     # torch's DataLoader warns that pin_memory has no effect without an accelerator (Trainer's default is True).
     warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true but no accelerator")
     # transformers 5.24 renamed gradient_checkpointing; TRL 1.16's SFTConfig still sets the old name on every run.
