@@ -22,7 +22,7 @@ CORE = {"config", "data", "template", "sources", "tiny_model", "model", "scoring
         "ranks", "quiet", "eval_report", "model_card"}
 MIDDLE = {"trainer", "run", "evaluation", "predictor", "serving"}
 SCRIPTS = {"sft.train", "eval.evaluate", "eval.predict", "eval.merge", "eval.serve"}
-LINE_BUDGET = 4810  # code lines of sft/ + eval/ + bench/ (blank and comment lines not counted, as cloc counts)
+LINE_BUDGET = 4972  # code lines of sft/ + eval/ + bench/ (blank and comment lines not counted, as cloc counts)
 MAX_FUNCTION_LINES = 50
 
 
