@@ -332,6 +332,12 @@ def test_script_entry_point_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def split_text_and_numbers(figures: dict) -> tuple[dict, dict]:
+    """pytest.approx (9.2+) refuses a mapping that holds strings."""
+    text = {k: v for k, v in figures.items() if isinstance(v, str)}
+    return text, {k: v for k, v in figures.items() if k not in text}
+
+
 @pytest.mark.parametrize("rows", [23, 1])
 def test_two_processes_match_one(adapter_dir, data_dir, eval_files, tmp_path, rows):
     """`accelerate launch` with 2 CPU (gloo) processes: same rows, same order, same metrics, intervals, comparison,
@@ -363,8 +369,9 @@ def test_two_processes_match_one(adapter_dir, data_dir, eval_files, tmp_path, ro
         assert one["auc_ci"] == pytest.approx(two["auc_ci"]) and one["comparison"]["verdict"] in S.VERDICTS
         # the dev rows' scores differ by ~1e-7 between shardings (batch shapes); this weak tiny model turns that into
         # ~5e-6 of relative change in T, which the report's 3 digits do not show
-        assert one["temperature"] == pytest.approx(two["temperature"], rel=1e-4)
-        assert one["calibration"] == pytest.approx(two["calibration"], rel=1e-4)
+        for key in ("temperature", "calibration"):  # numbers up to that noise, the rest ("fitted_on") exactly
+            (text1, num1), (text2, num2) = (split_text_and_numbers(m[key]) for m in (one, two))
+            assert text1 == text2 and num1 == pytest.approx(num2, rel=1e-4), key
         mistakes = [m["errors"]["confident_mistakes"] for m in (one, two)]
         assert [m["index"] for m in mistakes[0]] == [m["index"] for m in mistakes[1]]
         assert [m["p"] for m in mistakes[0]] == pytest.approx([m["p"] for m in mistakes[1]], abs=1e-6)
