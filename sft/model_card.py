@@ -36,7 +36,7 @@ CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 def write_model_card(final_dir: str | Path, run_info: dict, recipe: dict, dev_metrics: dict | None = None) -> Path:
     """Write `final_dir/README.md`. `dev_metrics=None` keeps the stored ones, so a rewrite never drops figures."""
     final = Path(final_dir)
-    stored = _load_results(final, dev_metrics)
+    stored = stored_results(final, dev_metrics)
     if dev_metrics is not None:
         artifacts.write_json(final / RESULTS_FILE, stored)
     card = build_card(str(final_dir), run_info or {}, recipe or {}, stored)
@@ -47,7 +47,7 @@ def write_model_card(final_dir: str | Path, run_info: dict, recipe: dict, dev_me
 def add_eval_results(final_dir: str | Path, split: str, metrics: dict) -> Path:
     """Record (or replace) `split`'s metrics.json figures and rebuild the card, so an older output gets one too."""
     final = Path(final_dir)
-    stored = _load_results(final)
+    stored = stored_results(final)
     stored["splits"][split] = _figures(metrics)
     artifacts.write_json(final / RESULTS_FILE, stored)
     run_info = asdict(artifacts.RunInfo.load(final)) if (final / artifacts.RUN_INFO_FILE).is_file() else {}
@@ -105,11 +105,6 @@ def run_name(final_dir: str | Path) -> str:
     return path.parent.name if path.name == "final" and path.parent.name else path.name or "model"
 
 
-def stored_results(final_dir: str | Path) -> dict:
-    """The figures the card shows: {"dev": training-time dev metrics, "splits": {split: evaluated figures}}."""
-    return _load_results(Path(final_dir))
-
-
 def _read_json(path: Path) -> dict:  # {} when missing or not an object
     data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     return data if isinstance(data, dict) else {}
@@ -119,9 +114,10 @@ def _is_number(*values: Any) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def _load_results(final: Path, dev: dict | None = None) -> dict:
-    """{"dev": `dev`, else the stored or train_results.json ones, numbers only (throughput says nothing about the
-    model), "splits": {split: figures}}."""
+def stored_results(final_dir: str | Path, dev: dict | None = None) -> dict:
+    """The figures the card shows (also GET /v1/model's): {"dev": `dev`, else the stored or train_results.json ones,
+    numbers only (throughput says nothing about the model), "splits": {split: figures}}."""
+    final = Path(final_dir)
     stored = _read_json(final / RESULTS_FILE)
     dev = (stored.get("dev") or _read_json(final / artifacts.TRAIN_RESULTS_FILE)) if dev is None else dev
     dev = {k: v for k, v in dev.items() if _is_number(v) and not k.endswith(("_per_second", "eval_runtime"))}
