@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -384,7 +383,7 @@ def test_sigterm_during_load_finishes_the_requests_in_flight_and_exits_0(adapter
     async def load_then_sigterm():
         tasks = [asyncio.create_task(post_all(server.url, [{"texts": texts}])) for texts in requests]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)  # the server is busy scoring
-        server.proc.send_signal(signal.SIGTERM)
+        server.terminate()
         in_flight = len(tasks) - sum(t.done() for t in tasks)
         for _ in range(300):  # uvicorn closes its socket right after saying this
             if "Shutting down" in server.log():
