@@ -235,7 +235,6 @@ class ServerProcess:
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         self.returncode: int | None = None
         self.output = ""
-        self.sigterm_sent = False
 
     def __enter__(self) -> ServerProcess:
         # a file, not a pipe (one nobody reads fills up and blocks the server); appending, so log() can read it
@@ -256,17 +255,10 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def terminate(self) -> None:
-        """SIGTERM, once: the server's graceful shutdown. A second one that lands after Python has put back the
-        default handlers at exit would kill the cleanly stopped server (exit -15), so it is never sent."""
-        if not self.sigterm_sent and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.sigterm_sent = True
-
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM unless sent already (graceful: in-flight requests finish), then the exit code; SIGKILL after
-        `timeout` seconds."""
-        self.terminate()
+        """SIGTERM (graceful: in-flight requests finish), then the exit code; SIGKILL after `timeout` seconds."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
