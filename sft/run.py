@@ -216,9 +216,7 @@ def save_final(trainer, recipe, prepared: Prepared, metrics: dict) -> Path:
 
     out = Path(recipe.training.output_dir)
     final, tmp = out / artifacts.FINAL_DIR, out / (artifacts.FINAL_DIR + ".tmp")
-    if trainer.accelerator.is_main_process:
-        artifacts.recover_final(final)  # (also removes a leftover final.tmp)
-    trainer.accelerator.wait_for_everyone()
+    # prepare() has already recovered what a crash left (final.old, final.tmp)
     trainer.save_model(str(tmp))  # every rank joins: ZeRO-3 gathers the sharded weights here
     if trainer.accelerator.is_main_process:
         if recipe.model.use_peft:
